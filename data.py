@@ -1,0 +1,971 @@
+"""
+Depth data for diff2flow: procedural scenes, the real data sets' file layouts, depth normalisation,
+and the evaluation protocol (least-squares alignment, AbsRel/delta1, ensembling).
+
+Sections, in the order a reader needs them:
+  1. a procedural scene renderer (numpy ray casting) and RenderedDepthDataset
+  2. file IO, writers and loaders for the layouts of Hypersim (as Marigold preprocesses it),
+     Virtual KITTI 2, and the evaluation archives (NYUv2, KITTI Eigen, ETH3D, ScanNet, DIODE);
+     MixedDataset for the ~9:1 Hypersim + Virtual KITTI 2 training mixture
+  3. depth normalisation to [-1, 1] (log 1%/99%, affine 2%/98%) and its inverse
+  4. the evaluation protocol: least-squares alignment, caps and crops, metrics, ensembling
+
+Conventions shared by every torch Dataset here: an item is a dict
+    rgb   (3, H, W) float32 in [-1, 1]   (the VAE's input range; [0, 1] is rgb * 0.5 + 0.5)
+    depth (1, H, W) float32 planar depth in metres, 0 where invalid
+    valid (1, H, W) bool, True where depth is usable ground truth
+    name  str, the RGB file's path relative to the data set root (or "scene_<seed>")
+Planar depth = the z coordinate of the surface point in the camera frame (not the ray length).
+
+Facts checked against Marigold's data set classes, configs and split lists (read, not copied):
+| kind     | RGB      | depth file                              | valid range (m)  | crop / eval mask          |
+|----------|----------|-----------------------------------------|------------------|---------------------------|
+| hypersim | PNG      | uint16 PNG, millimetres, 0 = invalid    | (1e-5, 65)       | none                      |
+| vkitti   | JPG      | uint16 PNG, centimetres, sky = 65535    | (1e-5, 80)       | KITTI benchmark crop      |
+| nyu      | PNG      | uint16 PNG, millimetres (raw, + filled) | (1e-3, 10)       | Eigen crop [45:471,41:601]|
+| kitti    | PNG      | uint16 PNG, value / 256, 0 = invalid    | (1e-5, 80)       | benchmark crop, Eigen mask|
+| eth3d    | JPG      | raw float32 (no header), inf = invalid  | (1e-5, inf)      | none                      |
+| scannet  | JPG      | uint16 PNG, millimetres                 | (1e-3, 10)       | none                      |
+| diode    | PNG      | .npy (H, W, 1) metres + _depth_mask.npy | mask file; clip predictions to [0.6, 350] | none |
+Ranges are open intervals (d > min and d < max), as Marigold tests them.
+"""
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# 1. Procedural scenes
+#
+# World frame: y up, metres. Camera frame: x right, y down, z forward (image convention).
+# A pixel (i, j) looks along d = R @ (u, v, 1) with u = (j + 0.5 - W/2) / f, v = (i + 0.5 - H/2) / f
+# (pixel centres, the same convention as Hypersim's distance -> depth conversion). Because d is NOT
+# normalised and its camera-frame z component is 1, the ray parameter t of a hit IS its planar depth.
+
+MAX_RENDER_DEPTH = 80.0   # open scenes: ground farther than this is invalid, as Virtual KITTI's < 80 m
+RENDER_MIN_DEPTH = 1e-3   # evaluation range of rendered scenes (see DEPTH_KINDS["rendered"])
+TRAIN_SEED0 = 0           # RenderedDepthDataset.split("train", n) uses seeds [0, n)
+HELDOUT_SEED0 = 1_000_000  # ... and split("heldout", n) uses [1e6, 1e6 + n): disjoint by construction
+
+
+def _rot_y(a):
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def camera_rotation(yaw, pitch, roll=0.0):
+    """Camera-to-world rotation; columns = (right, down, forward) in world coordinates.
+    yaw turns about the world y axis (0 looks along +z), pitch > 0 looks up, roll turns about forward."""
+    fwd = np.array([math.cos(pitch) * math.sin(yaw), math.sin(pitch), math.cos(pitch) * math.cos(yaw)])
+    right = np.cross([0.0, 1.0, 0.0], fwd)
+    right /= np.linalg.norm(right)
+    down = np.cross(right, fwd)
+    c, s = math.cos(roll), math.sin(roll)
+    right, down = c * right + s * down, -s * right + c * down
+    return np.stack([right, down, fwd], axis=1)
+
+
+def camera_rays(height, width, focal, rot):
+    """Unnormalised world ray directions (H*W, 3) whose camera-frame z is 1 (t = planar depth)."""
+    v, u = np.meshgrid((np.arange(height) + 0.5 - height / 2) / focal,
+                       (np.arange(width) + 0.5 - width / 2) / focal, indexing="ij")
+    cam = np.stack([u.ravel(), v.ravel(), np.ones(height * width)], axis=1)  # (N, 3)
+    return cam @ rot.T
+
+
+def _material(rng, yaw=None):
+    """A texture defined in the surface's own 3-D frame: it moves with the object, so its colours say
+    nothing about depth; apparent texture size shrinks with distance as in real photographs."""
+    hsv = np.stack([rng.uniform(0, 1, 4), rng.uniform(0.05, 0.8, 4), rng.uniform(0.25, 0.95, 4)], 1)
+    colors = np.array([_hsv_to_rgb(*c) for c in hsv])  # (4, 3) palette
+    return dict(pattern=rng.choice(["checker", "tiles", "stripes", "plain"], p=[0.3, 0.3, 0.2, 0.2]),
+                colors=colors,
+                scale=np.exp(rng.uniform(np.log(0.08), np.log(1.5), 3)),  # cell size per axis, metres
+                phase=rng.uniform(0, 1, 3),  # keeps planes off cell boundaries
+                rot=_rot_y(rng.uniform(0, 2 * np.pi) if yaw is None else yaw))
+
+
+def _hsv_to_rgb(h, s, v):
+    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
+    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def random_scene(seed, width=128, min_valid=0.25):
+    """A random scene description (a plain dict) from a seed; render() turns it into images.
+
+    Two kinds, half each: a closed room (floor, four walls, ceiling, a point light; every pixel
+    valid) and an open scene (infinite ground, sky = invalid, ground beyond MAX_RENDER_DEPTH invalid,
+    sun light, large boxes as buildings). Camera height, pitch, yaw, roll, field of view, object
+    count, size and distance are all random, so depth must be read from the image: the mean training
+    depth map is a weak predictor (see test_data.py for the measured baseline).
+    Scenes whose valid share would fall below min_valid are redrawn (deterministically)."""
+    for attempt in range(20):
+        rng = np.random.default_rng([seed, attempt])
+        scene = _draw_scene(rng, width)
+        if scene["kind"] == "room" or _valid_share(scene) >= min_valid:
+            return scene
+    return scene
+
+
+def _valid_share(scene):
+    # cheap 16x16 look at how much of the view is valid ground/objects
+    out = render(scene, 12, 16)
+    return out["valid"].mean()
+
+
+def _draw_scene(rng, width):
+    hfov = np.deg2rad(rng.uniform(45, 80))
+    focal_frac = 0.5 / math.tan(hfov / 2)  # focal length in units of the image width
+    scene = dict(focal_frac=focal_frac, planes=[], spheres=[], boxes=[], quads=[],
+                 ambient=rng.uniform(0.1, 0.35), exposure=rng.uniform(0.75, 1.25),
+                 light_color=1.0 - rng.uniform(0, 0.25, 3), max_depth=MAX_RENDER_DEPTH)
+    yaw, roll = rng.uniform(0, 2 * np.pi), np.deg2rad(rng.normal(0, 8))
+    if rng.random() < 0.5:  # a closed room
+        scene["kind"] = "room"
+        sx, sz = np.exp(rng.uniform(np.log(2.5), np.log(14), 2))
+        ceil = rng.uniform(2.2, 4.5)
+        lo, hi = np.zeros(3), np.array([sx, ceil, sz])
+        cam = np.array([rng.uniform(0.3, sx - 0.3), rng.uniform(0.3, min(2.6, ceil - 0.3)), rng.uniform(0.3, sz - 0.3)])
+        rot = camera_rotation(yaw, np.deg2rad(rng.uniform(-50, 45)), roll)
+        # one-sided planes n . p = c with n pointing into the room: floor, ceiling, 4 walls
+        for n, c in [((0, 1, 0), 0.0), ((0, -1, 0), -ceil), ((1, 0, 0), 0.0), ((-1, 0, 0), -sx),
+                     ((0, 0, 1), 0.0), ((0, 0, -1), -sz)]:
+            scene["planes"].append(dict(n=np.array(n, float), c=c, material=_material(rng, 0.0)))
+        scene["light"] = dict(kind="point", pos=np.array([rng.uniform(0.2, sx - 0.2), ceil - 0.15, rng.uniform(0.2, sz - 0.2)]),
+                              power=rng.uniform(0.6, 1.2), falloff=max(sx, sz, ceil))
+        for _ in range(rng.integers(0, 15)):  # furniture anywhere in the room
+            size = math.exp(rng.uniform(math.log(0.12), math.log(min(1.3, 0.3 * min(sx, sz)))))
+            margin = np.minimum(size, (hi - lo) / 2 - 0.05)
+            _add_object(rng, scene, rng.uniform(lo + margin, hi - margin), size, cam, room=(lo, hi))
+        near = (0.6, 3.0)
+    else:  # open ground under the sky
+        scene["kind"] = "open"
+        cam = np.array([0.0, math.exp(rng.uniform(math.log(0.4), math.log(10.0))), 0.0])
+        rot = camera_rotation(yaw, np.deg2rad(rng.uniform(-60, 15)), roll)
+        scene["planes"].append(dict(n=np.array([0.0, 1.0, 0.0]), c=0.0, material=_material(rng)))
+        elev, azim = np.deg2rad(rng.uniform(15, 75)), rng.uniform(0, 2 * np.pi)
+        scene["light"] = dict(kind="sun", power=1.0, dir=-np.array([math.cos(elev) * math.sin(azim), math.sin(elev),
+                                                                    math.cos(elev) * math.cos(azim)]))
+        scene["sky"] = dict(horizon=_hsv_to_rgb(rng.uniform(0.5, 0.7), rng.uniform(0, 0.3), rng.uniform(0.7, 1)),
+                            zenith=_hsv_to_rgb(rng.uniform(0.55, 0.7), rng.uniform(0.3, 0.8), rng.uniform(0.5, 0.9)))
+        scene["fog"] = math.exp(rng.uniform(math.log(60), math.log(400)))  # aerial perspective, metres
+        n_obj, n_bld = rng.integers(0, 16), rng.integers(0, 6)
+        spread = hfov / 2 + 0.3
+        for k in range(n_obj + n_bld):  # objects and buildings around the view direction
+            big = k >= n_obj
+            dist = math.exp(rng.uniform(math.log(12 if big else 1.0), math.log(70 if big else 45)))
+            size = math.exp(rng.uniform(math.log(3 if big else 0.15), math.log(14 if big else 3.5)))
+            a = yaw + rng.uniform(-spread, spread)
+            c = np.array([cam[0] + dist * math.sin(a), size, cam[2] + dist * math.cos(a)])
+            _add_object(rng, scene, c, size, cam, building=big)
+        near = (1.0, 12.0)
+    # foreground objects at random places in the view, so that "near" is not always "image bottom"
+    for _ in range(rng.choice(4, p=[0.3, 0.35, 0.25, 0.1])):
+        dist = math.exp(rng.uniform(*np.log(near)))
+        c = cam + dist * rot @ np.array([rng.uniform(-0.45, 0.45) / focal_frac, rng.uniform(-0.35, 0.35) / focal_frac, 1.0])
+        size = dist * rng.uniform(0.2, 0.7)
+        if scene["kind"] == "room":
+            c = np.clip(c, lo + 0.05, hi - 0.05)
+        _add_object(rng, scene, c, size, cam, room=(lo, hi) if scene["kind"] == "room" else None,
+                    rest=rng.random() < 0.5)
+    scene["camera"] = dict(pos=cam, rot=rot)
+    return scene
+
+
+def _add_object(rng, scene, c, size, cam, room=None, building=False, rest=True):
+    """Adds a sphere, box or textured quad of about `size` metres at c (resting on the floor y = 0 when
+    rest, or if it would cut the floor), unless it would hold the camera."""
+    kind = "box" if building else rng.choice(["sphere", "box", "quad"], p=[0.35, 0.4, 0.25])
+    c = np.array(c, float)
+    if kind == "sphere":
+        r = size / 2
+        c[1] = r if rest and rng.random() < 0.7 else max(c[1], r)
+        if np.linalg.norm(c - cam) > r + 0.3:
+            scene["spheres"].append(dict(c=c, r=r, material=_material(rng)))
+    elif kind == "box":
+        half = size / 2 * np.exp(rng.uniform(-0.6, 0.6, 3))
+        if building:
+            half[1] = size * rng.uniform(0.5, 2.0)
+        c[1] = half[1] if rest else max(c[1], half[1])
+        yaw = rng.uniform(0, np.pi)
+        if np.linalg.norm(c - cam) > np.linalg.norm(half) + 0.3:
+            scene["boxes"].append(dict(c=c, half=half, yaw=yaw, rot=_rot_y(yaw), material=_material(rng, yaw)))
+    else:  # a textured panel: on a room wall (a poster) or free standing at a random angle
+        half = size / 2 * np.exp(rng.uniform(-0.5, 0.5, 2))
+        c[1] = half[1] + rng.uniform(0, 0.5) if rest else max(c[1], half[1])
+        yaw = rng.uniform(0, np.pi)
+        if room is not None and rng.random() < 0.5:
+            lo, hi = room
+            wall = rng.integers(0, 4)  # x = lo, x = hi, z = lo, z = hi; 1 cm in front of the wall
+            axis = 0 if wall < 2 else 2
+            c[axis] = lo[axis] + 0.01 if wall % 2 == 0 else hi[axis] - 0.01
+            yaw = np.pi / 2 if axis == 0 else 0.0
+        rot = _rot_y(yaw)
+        if np.linalg.norm(c - cam) > np.linalg.norm(half) + 0.3:
+            scene["quads"].append(dict(c=c, ax=rot[:, 0], ay=rot[:, 1], half=half, material=_material(rng, yaw)))
+
+
+# --- intersections: o (3,) or (N, 3) origins, d (N, 3) directions; return t (N,), inf on a miss ---
+
+def _dot(a, b):
+    return np.einsum("...i,...i->...", a, b)
+
+
+def _hit_plane(o, d, n, c):
+    # one-sided: only hits from the side n points to (room planes face inwards, the ground up)
+    den = d @ n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (c - _dot(o, n)) / den
+    return np.where((den < 0) & (t > 1e-6), t, np.inf)
+
+
+def _hit_sphere(o, d, c, r):
+    oc = o - c
+    a, b, cc = _dot(d, d), 2 * _dot(d, oc), _dot(oc, oc) - r * r
+    disc = b * b - 4 * a * cc
+    sq = np.sqrt(np.maximum(disc, 0))
+    t0, t1 = (-b - sq) / (2 * a), (-b + sq) / (2 * a)
+    t = np.where(t0 > 1e-6, t0, t1)  # origin outside: t0; on a shadow ray from inside: t1 (unused)
+    return np.where((disc >= 0) & (t > 1e-6), t, np.inf)
+
+
+def _hit_box(o, d, c, half, rot):
+    """Slab test in the box frame. Returns t and the index of the entry face's axis."""
+    ol, dl = (o - c) @ rot, d @ rot  # world -> box frame (rot is box -> world)
+    dl = np.where(np.abs(dl) < 1e-12, 1e-12, dl)
+    t1, t2 = (-half - ol) / dl, (half - ol) / dl
+    tmin3 = np.minimum(t1, t2)
+    tnear, tfar = tmin3.max(-1), np.maximum(t1, t2).min(-1)
+    hit = (tfar >= tnear) & (tnear > 1e-6)
+    return np.where(hit, tnear, np.inf), tmin3.argmax(-1), dl
+
+
+def _hit_quad(o, d, c, ax, ay, half):
+    n = np.cross(ax, ay)
+    den = d @ n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = _dot(c - o, n) / den
+        p = o + t[:, None] * d - c
+    inside = (np.abs(p @ ax) <= half[0]) & (np.abs(p @ ay) <= half[1])
+    return np.where(inside & (t > 1e-6) & (np.abs(den) > 1e-12), t, np.inf)
+
+
+def _objects_block(scene, o, d, tmax):
+    """Shadow rays: True where any object lies between o and o + tmax * d. Room planes and the
+    ground never shadow (the light is inside the convex room / the sun is above the ground)."""
+    blocked = np.zeros(len(d), bool)
+    for s in scene["spheres"]:
+        blocked |= _hit_sphere(o, d, s["c"], s["r"]) < tmax
+    for b in scene["boxes"]:
+        blocked |= _hit_box(o, d, b["c"], b["half"], b["rot"])[0] < tmax
+    for q in scene["quads"]:
+        blocked |= _hit_quad(o, d, q["c"], q["ax"], q["ay"], q["half"]) < tmax
+    return blocked
+
+
+def _texture(m, p_local, footprint):
+    """Albedo (N, 3) of a procedural solid texture at local points (N, 3). Where a pixel covers more
+    than a cell (footprint, metres per pixel on the surface), fade to the palette's mean: a cheap
+    anti-aliasing that avoids moire on far ground."""
+    cell = np.floor(p_local @ m["rot"] / m["scale"] + m["phase"]).astype(np.int64)
+    h = (cell[:, 0] * 73856093) ^ (cell[:, 1] * 19349663) ^ (cell[:, 2] * 83492791)
+    h = (h ^ (h >> 13)) & 0x7FFFFFFF
+    pat = m["pattern"]
+    if pat == "checker":
+        idx = (cell.sum(1) & 1)
+    elif pat == "stripes":
+        idx = (cell[:, 0] & 1) * 2
+    elif pat == "tiles":
+        idx = h % 4
+    else:
+        idx = np.zeros(len(cell), np.int64)
+    shade = 0.88 + 0.12 * ((h >> 4) % 8) / 7.0  # per-cell brightness variation
+    used = {"checker": [0, 1], "stripes": [0, 2], "tiles": [0, 1, 2, 3]}.get(pat, [0])
+    w = np.clip(footprint / m["scale"].min() - 0.5, 0, 1)[:, None]
+    return (1 - w) * m["colors"][idx] * shade[:, None] + w * 0.94 * m["colors"][used].mean(0)
+
+
+def render(scene, height, width, return_distance=False):
+    """Ray-cast a scene description. Returns dict(rgb (H, W, 3) float32 in [0, 1], depth (H, W)
+    float32 planar metres with 0 where invalid, valid (H, W) bool, focal (pixels)); with
+    return_distance also distance (H, W) = Euclidean camera-to-hit length from the 3-D hit points."""
+    focal = scene["focal_frac"] * width
+    o, rot = scene["camera"]["pos"], scene["camera"]["rot"]
+    d = camera_rays(height, width, focal, rot)  # (N, 3)
+    N = len(d)
+    t = np.full(N, np.inf)
+    kind_id = np.full(N, -1)  # index into `surfaces`
+    aux = np.zeros(N, np.int64)  # box face axis
+    surfaces = ([("plane", s) for s in scene["planes"]] + [("sphere", s) for s in scene["spheres"]]
+                + [("box", s) for s in scene["boxes"]] + [("quad", s) for s in scene["quads"]])
+    for k, (kind, s) in enumerate(surfaces):
+        if kind == "plane":
+            tk = _hit_plane(o, d, s["n"], s["c"])
+        elif kind == "sphere":
+            tk = _hit_sphere(o, d, s["c"], s["r"])
+        elif kind == "box":
+            tk, axis, _ = _hit_box(o, d, s["c"], s["half"], s["rot"])
+        else:
+            tk = _hit_quad(o, d, s["c"], s["ax"], s["ay"], s["half"])
+        closer = tk < t
+        t = np.where(closer, tk, t)
+        kind_id = np.where(closer, k, kind_id)
+        if kind == "box":
+            aux = np.where(closer, axis, aux)
+
+    hit = np.isfinite(t)
+    p = o + np.where(hit, t, 0)[:, None] * d  # (N, 3) hit points
+    normal = np.zeros((N, 3))
+    albedo = np.zeros((N, 3))
+    for k, (kind, s) in enumerate(surfaces):
+        m = kind_id == k
+        if not m.any():
+            continue
+        pk = p[m]
+        if kind == "plane":
+            nk, local = np.broadcast_to(s["n"], pk.shape), pk
+        elif kind == "sphere":
+            nk, local = (pk - s["c"]) / s["r"], pk - s["c"]
+        elif kind == "box":
+            local = (pk - s["c"]) @ s["rot"]
+            ax = aux[m]
+            nl = np.zeros_like(local)
+            nl[np.arange(len(ax)), ax] = np.sign(local[np.arange(len(ax)), ax])
+            nk = nl @ s["rot"].T
+            local = pk - s["c"]
+        else:
+            nk, local = np.broadcast_to(np.cross(s["ax"], s["ay"]), pk.shape), pk - s["c"]
+        dk = d[m]
+        nk = np.where(_dot(nk, dk)[:, None] > 0, -nk, nk)  # face the camera (two-sided quads)
+        cos = np.abs(_dot(nk, dk)) / np.linalg.norm(dk, axis=1)
+        footprint = t[m] * np.linalg.norm(dk, axis=1) / focal / np.maximum(cos, 0.15)
+        normal[m], albedo[m] = nk, _texture(s["material"], local, footprint)
+
+    # Lambertian shading with one light and shadow rays
+    light = scene["light"]
+    if light["kind"] == "sun":
+        to_l = np.broadcast_to(-light["dir"], p.shape)
+        dist_l = np.full(N, np.inf)
+        falloff = np.ones(N)
+    else:
+        to_l = light["pos"] - p
+        dist_l = np.linalg.norm(to_l, axis=1)
+        to_l = to_l / np.maximum(dist_l, 1e-9)[:, None]
+        falloff = 1.5 / (1.0 + (dist_l / light["falloff"]) ** 2)
+    ndotl = np.maximum(_dot(normal, to_l), 0) * hit
+    lit = ndotl > 0
+    if lit.any():
+        idx = np.nonzero(lit)[0]
+        shadow = _objects_block(scene, p[idx] + 1e-4 * normal[idx] * np.maximum(1, t[idx, None]),
+                                to_l[idx], dist_l[idx])
+        ndotl[idx[shadow]] = 0
+    radiance = albedo * (scene["ambient"] + light["power"] * falloff * ndotl)[:, None]
+    radiance = radiance * scene["light_color"] * scene["exposure"]
+
+    if scene["kind"] == "open":
+        dn = d / np.linalg.norm(d, axis=1, keepdims=True)
+        up = np.clip(dn[:, 1], 0, 1)[:, None] ** 0.6
+        sky = (1 - up) * scene["sky"]["horizon"] + up * scene["sky"]["zenith"]
+        dist = t * np.linalg.norm(d, axis=1)
+        haze = np.exp(-np.where(hit, dist, np.inf) / scene["fog"])[:, None]  # aerial perspective
+        radiance = np.where(hit[:, None], haze * radiance + (1 - haze) * scene["sky"]["horizon"] ** 2.2, sky ** 2.2)
+    rgb = np.clip(radiance, 0, 1) ** (1 / 2.2)  # linear -> display gamma
+
+    valid = hit & (t < scene["max_depth"])
+    out = dict(rgb=rgb.reshape(height, width, 3).astype(np.float32),
+               depth=np.where(valid, t, 0).reshape(height, width).astype(np.float32),
+               valid=valid.reshape(height, width), focal=float(focal))
+    if return_distance:
+        out["distance"] = np.where(hit, np.linalg.norm(p - o, axis=1), 0).reshape(height, width)
+    return out
+
+
+def render_scene(seed, height=96, width=128, return_distance=False):
+    """The procedural scene `seed` rendered at height x width (see random_scene and render)."""
+    return render(random_scene(seed, width), height, width, return_distance)
+
+
+def _to_item(rgb01, depth, valid, name):
+    """numpy (H, W, 3) [0, 1], (H, W), (H, W) -> the Dataset item dict (see the module docstring)."""
+    return dict(rgb=torch.from_numpy(np.ascontiguousarray(rgb01.transpose(2, 0, 1))).float() * 2 - 1,
+                depth=torch.from_numpy(np.where(valid, depth, 0).astype(np.float32))[None],
+                valid=torch.from_numpy(np.ascontiguousarray(valid))[None], name=name)
+
+
+class RenderedDepthDataset(torch.utils.data.Dataset):
+    """Procedural scenes for seeds [seed0, seed0 + n). RGB is quantised to 8 bits like a photo.
+    cache=True keeps rendered items in memory (about 8 bytes a pixel), so each scene renders once
+    per process (DataLoader workers keep their own caches)."""
+
+    def __init__(self, seed0, n, height=96, width=128, cache=True):
+        if n <= 0:
+            raise ValueError(f"RenderedDepthDataset needs n > 0 scenes, got n={n}")
+        self.seed0, self.n, self.height, self.width = seed0, n, height, width
+        self.cache = {} if cache else None
+
+    @classmethod
+    def split(cls, name, n, height=96, width=128, cache=True):
+        """'train' -> seeds [0, n); 'heldout' -> seeds [1e6, 1e6 + n): disjoint for any n < 1e6."""
+        if name not in ("train", "heldout"):
+            raise ValueError(f"unknown rendered split {name!r}: use 'train' or 'heldout'")
+        if n > HELDOUT_SEED0:
+            raise ValueError(f"at most {HELDOUT_SEED0} scenes per split, got {n}")
+        return cls(TRAIN_SEED0 if name == "train" else HELDOUT_SEED0, n, height, width, cache)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} scenes")
+        if self.cache is not None and i in self.cache:
+            rgb8, depth, valid = self.cache[i]
+        else:
+            out = render_scene(self.seed0 + i, self.height, self.width)
+            rgb8 = np.round(out["rgb"] * 255).astype(np.uint8)
+            depth, valid = out["depth"], out["valid"]
+            if self.cache is not None:
+                self.cache[i] = (rgb8, depth, valid)
+        return _to_item(rgb8.astype(np.float32) / 255, depth, valid, f"scene_{self.seed0 + i}")
+
+
+# -----------------------------------------------------------------------------
+# 2. Files: the real data sets' layouts
+
+HYPERSIM_FOCAL = 886.81  # pixels, at Hypersim's 1024 x 768
+
+
+def distance_to_planar(distance, focal=HYPERSIM_FOCAL):
+    """Hypersim stores Euclidean distance from the camera centre (depth_meters.hdf5); planar depth is
+    z = distance * f / |(x, y, f)| with (x, y) the pixel centre relative to the image centre:
+    x = j + 0.5 - W/2, y = i + 0.5 - H/2. f = 886.81 px holds at 1024 x 768; pass the focal length
+    of other sizes (it scales with the width)."""
+    distance = np.asarray(distance, np.float64)
+    h, w = distance.shape[-2:]
+    y, x = np.meshgrid(np.arange(h) + 0.5 - h / 2, np.arange(w) + 0.5 - w / 2, indexing="ij")
+    return distance * focal / np.sqrt(x * x + y * y + focal * focal)
+
+
+def planar_to_distance(depth, focal=HYPERSIM_FOCAL):
+    """Inverse of distance_to_planar."""
+    depth = np.asarray(depth, np.float64)
+    h, w = depth.shape[-2:]
+    y, x = np.meshgrid(np.arange(h) + 0.5 - h / 2, np.arange(w) + 0.5 - w / 2, indexing="ij")
+    return depth * np.sqrt(x * x + y * y + focal * focal) / focal
+
+
+# How each kind stores depth, its valid range (open interval, Marigold's), and its crops.
+DEPTH_KINDS = {
+    "hypersim": dict(encoding="png_mm", min_depth=1e-5, max_depth=65.0, kb_crop=False, eval_mask=None),
+    "vkitti": dict(encoding="png_cm", min_depth=1e-5, max_depth=80.0, kb_crop=True, eval_mask=None),
+    "nyu": dict(encoding="png_mm", min_depth=1e-3, max_depth=10.0, kb_crop=False, eval_mask="nyu_eigen"),
+    "kitti": dict(encoding="png_256", min_depth=1e-5, max_depth=80.0, kb_crop=True, eval_mask="kitti_eigen"),
+    "eth3d": dict(encoding="eth3d_raw", min_depth=1e-5, max_depth=math.inf, kb_crop=False, eval_mask=None),
+    "scannet": dict(encoding="png_mm", min_depth=1e-3, max_depth=10.0, kb_crop=False, eval_mask=None),
+    "diode": dict(encoding="npy", min_depth=0.6, max_depth=350.0, kb_crop=False, eval_mask=None),
+    "rendered": dict(encoding=None, min_depth=RENDER_MIN_DEPTH, max_depth=MAX_RENDER_DEPTH, kb_crop=False,
+                     eval_mask=None),
+}
+# The evaluation sets of the paper's Table 2, with Marigold's archive and split-list names
+# (Marigold's repository, data_split/...); sizes after dropping KITTI's lines without ground truth.
+EVAL_SETS = {
+    "nyu": dict(archive="nyuv2/nyu_labeled_extracted.tar", split="nyu_depth/labeled/filename_list_test.txt", n=654),
+    "kitti": dict(archive="kitti/kitti_eigen_split_test.tar", split="kitti_depth/eigen_test_files_with_gt.txt", n=652),
+    "eth3d": dict(archive="eth3d/eth3d.tar", split="eth3d_depth/eth3d_filename_list.txt", n=454),
+    "scannet": dict(archive="scannet/scannet_val_sampled_800_1.tar", split="scannet_depth/scannet_val_sampled_list_800_1.txt", n=800),
+    "diode": dict(archive="diode/diode_val.tar", split="diode_depth/diode_val_all_filename_list.txt", n=771),
+}
+KB_CROP_HW = (352, 1216)  # the KITTI benchmark crop: bottom 352 rows, centred 1216 columns
+
+
+def _atomic(path, write):
+    """Write through a temporary name in the same folder, then rename (no half-written files)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_image(path, array, quality=95):
+    """uint8 (H, W, 3) or uint16 (H, W) -> PNG/JPG by extension, atomically. uint16 is 16-bit PNG."""
+    array = np.asarray(array)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise ValueError(f"save_image: unknown image extension in {path}; use .png or .jpg")
+    img = Image.fromarray(array)  # uint16 (H, W) -> mode I;16
+    _atomic(path, lambda f: img.save(f, format=fmt, **({"quality": quality} if fmt == "JPEG" else {})))
+
+
+def read_rgb(path):
+    """An RGB image file -> float32 (H, W, 3) in [0, 1]."""
+    img = _open_image(path)
+    return np.asarray(img.convert("RGB"), np.float32) / 255.0
+
+
+def read_png16(path):
+    """A 16-bit PNG -> float64 (H, W) of the raw integer values."""
+    img = _open_image(path)
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a single-channel 16-bit depth PNG, got mode {img.mode} shape {arr.shape}")
+    return arr.astype(np.float64)
+
+
+def _open_image(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # PIL raises several types for broken files
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return img
+
+
+def _read_eth3d_depth(path, hw):
+    """ETH3D ground truth: raw little-endian float32, row-major, no header, inf = no measurement.
+    The size is not in the file: it is the RGB image's (6048 x 4032 in the real set)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file: {path}")
+    raw = np.fromfile(path, dtype="<f4")
+    if raw.size != hw[0] * hw[1]:
+        raise ValueError(f"{path}: {raw.size} float32 values, but its RGB image is {hw[1]}x{hw[0]} "
+                         f"({hw[0] * hw[1]} pixels)")
+    d = raw.reshape(hw).astype(np.float64)
+    d[~np.isfinite(d)] = 0.0
+    return d
+
+
+def _read_npy(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        return np.load(path).astype(np.float64).squeeze()
+    except Exception as e:
+        raise ValueError(f"cannot read numpy file {path}: {e}") from None
+
+
+def kitti_benchmark_crop(x):
+    """The bottom 352 rows and the centred 1216 columns of an (..., H, W) array or tensor."""
+    h, w = x.shape[-2:]
+    ch, cw = KB_CROP_HW
+    if h < ch or w < cw:
+        raise ValueError(f"image {h}x{w} is smaller than the KITTI benchmark crop {ch}x{cw}; "
+                         f"pass kb_crop=False for smaller images")
+    top, left = h - ch, (w - cw) // 2
+    return x[..., top:top + ch, left:left + cw]
+
+
+def eval_crop_mask(name, height, width):
+    """The evaluation region (H, W) bool of a data set: NYU's Eigen crop (rows 45:471, columns 41:601
+    at 480 x 640, scaled proportionally at other sizes) or the Eigen mask on KITTI's benchmark crop
+    (row fractions 0.3324324-0.91351351, column fractions 0.0359477-0.96405229). None -> all True."""
+    m = np.zeros((height, width), bool)
+    if name is None:
+        m[:] = True
+    elif name == "nyu_eigen":
+        m[round(45 / 480 * height):round(471 / 480 * height), round(41 / 640 * width):round(601 / 640 * width)] = True
+    elif name == "kitti_eigen":
+        m[int(0.3324324 * height):int(0.91351351 * height), int(0.0359477 * width):int(0.96405229 * width)] = True
+    elif name == "kitti_garg":
+        m[int(0.40810811 * height):int(0.99189189 * height), int(0.03594771 * width):int(0.96405229 * width)] = True
+    else:
+        raise ValueError(f"unknown evaluation crop {name!r}: use nyu_eigen, kitti_eigen, kitti_garg or None")
+    return m
+
+
+def read_split_file(split_file, columns):
+    """Lines of whitespace-separated paths relative to the data set root; extra columns (KITTI's focal
+    length, a comment) are kept. Returns a list of lists. A line with fewer than `columns` entries is
+    an error naming the file and line. Blank lines are skipped."""
+    if not os.path.isfile(split_file):
+        raise FileNotFoundError(f"missing split file: {split_file}")
+    rows = []
+    with open(split_file) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < columns:
+                raise ValueError(f"{split_file} line {n}: expected {columns} paths (rgb depth{' mask' if columns == 3 else ''}), "
+                                 f"got {line.strip()!r}")
+            rows.append(parts)
+    if not rows:
+        raise ValueError(f"split file {split_file} lists no samples")
+    return rows
+
+
+class DepthFileDataset(torch.utils.data.Dataset):
+    """One data set on disk in its Marigold layout: kind is a key of DEPTH_KINDS (not 'rendered').
+    root is the extracted archive folder, split_file lists 'rgb_path depth_path [...]' relative to root.
+
+    kb_crop: KITTI benchmark crop (default: on for kitti and vkitti, as Marigold).
+    eval_mask: AND the valid mask with the data set's evaluation crop (default: on for nyu and kitti,
+               off for the training sets hypersim and vkitti).
+    size: (H, W) to resize to (RGB bilinear with antialiasing; depth and mask nearest, so no depth is
+          invented across edges). None keeps the file's size (do that for evaluation)."""
+
+    def __init__(self, kind, root, split_file, size=None, kb_crop=None, eval_mask=None):
+        if kind not in DEPTH_KINDS or kind == "rendered":
+            raise ValueError(f"unknown data set kind {kind!r}: use one of {sorted(k for k in DEPTH_KINDS if k != 'rendered')}")
+        if os.path.isfile(root):
+            raise ValueError(f"{root} is a file: extract the archive first (tar -xf {root}) and pass the folder")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"missing data set folder: {root}")
+        self.kind, self.root, self.size = kind, root, size
+        self.spec = DEPTH_KINDS[kind]
+        self.kb_crop = self.spec["kb_crop"] if kb_crop is None else kb_crop
+        self.eval_mask = self.spec["eval_mask"] if (eval_mask is None or eval_mask is True) else eval_mask
+        if eval_mask is None and kind in ("hypersim", "vkitti"):
+            self.eval_mask = None
+        if eval_mask is True and kind == "vkitti":
+            self.eval_mask = "kitti_eigen"  # Marigold's vkitti validation
+        if eval_mask is False:
+            self.eval_mask = None
+        rows = read_split_file(split_file, 3 if kind == "diode" else 2)
+        # KITTI's list has frames without ground truth ("None"): Marigold drops them
+        self.rows = [r for r in rows if r[1] != "None"]
+        if not self.rows:
+            raise ValueError(f"split file {split_file} lists no samples with depth")
+        self.min_depth, self.max_depth = self.spec["min_depth"], self.spec["max_depth"]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def read_depth(self, i, hw):
+        """Depth (H, W) float64 metres with 0 where the file says 'no measurement', and the valid mask."""
+        row = self.rows[i]
+        path = os.path.join(self.root, row[1])
+        enc = self.spec["encoding"]
+        if enc == "png_mm":
+            d = read_png16(path) / 1000.0
+        elif enc == "png_cm":
+            d = read_png16(path) / 100.0  # sky = 65535 -> 655.35 m, outside the valid range
+        elif enc == "png_256":
+            d = read_png16(path) / 256.0
+        elif enc == "eth3d_raw":
+            d = _read_eth3d_depth(path, hw)
+        else:  # diode: the mask file is the valid mask (Marigold uses it alone)
+            d = _read_npy(path)
+            mask = _read_npy(os.path.join(self.root, row[2])) > 0
+            if mask.shape != d.shape:
+                raise ValueError(f"{row[2]}: mask shape {mask.shape} differs from depth {d.shape}")
+            return d, mask & (d > 0)
+        return d, (d > self.min_depth) & (d < self.max_depth)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        rgb = read_rgb(os.path.join(self.root, row[0]))  # (H, W, 3)
+        depth, valid = self.read_depth(i, rgb.shape[:2])
+        if depth.shape != rgb.shape[:2]:
+            raise ValueError(f"{row[1]}: depth is {depth.shape[1]}x{depth.shape[0]} but {row[0]} is "
+                             f"{rgb.shape[1]}x{rgb.shape[0]}")
+        if self.kb_crop:
+            rgb = kitti_benchmark_crop(rgb.transpose(2, 0, 1)).transpose(1, 2, 0)
+            depth, valid = kitti_benchmark_crop(depth), kitti_benchmark_crop(valid)
+        if self.eval_mask is not None:
+            valid = valid & eval_crop_mask(self.eval_mask, *valid.shape)
+        item = _to_item(rgb, depth, valid, row[0])
+        return resize_item(item, self.size) if self.size is not None else item
+
+
+def resize_item(item, size):
+    """Resize an item to size=(H, W): RGB bilinear (antialiased), depth and valid nearest."""
+    rgb = F.interpolate(item["rgb"][None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    depth = F.interpolate(item["depth"][None], size=size, mode="nearest-exact")[0]
+    valid = F.interpolate(item["valid"][None].float(), size=size, mode="nearest-exact")[0] > 0.5
+    return dict(item, rgb=rgb.clamp(-1, 1), depth=depth * valid, valid=valid)
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Draws item i from dataset k with probability probs[k] (Marigold and the official code: Hypersim
+    0.9, Virtual KITTI 2 0.1), then a uniform item of it; deterministic in (seed, i), so it works under
+    any sampler, DistributedSampler included. length defaults to the sum of the lengths. Items must
+    share one size across data sets to be batched: give the loaders the same `size`."""
+
+    def __init__(self, datasets, probs=(0.9, 0.1), length=None, seed=0):
+        if len(datasets) != len(probs) or not datasets:
+            raise ValueError(f"MixedDataset: {len(datasets)} data sets but {len(probs)} probabilities")
+        for ds in datasets:
+            if len(ds) == 0:
+                raise ValueError(f"MixedDataset: {type(ds).__name__} is empty")
+        p = np.asarray(probs, float)
+        self.datasets, self.probs, self.seed = datasets, p / p.sum(), seed
+        self.length = sum(len(d) for d in datasets) if length is None else length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        k = rng.choice(len(self.datasets), p=self.probs)
+        ds = self.datasets[k]
+        return ds[int(rng.integers(len(ds)))]
+
+
+# --- writers: rendered samples -> the on-disk layouts the loaders above read ---
+# Each takes samples = list of dicts with rgb (H, W, 3) [0, 1], depth (H, W) metres, valid (H, W)
+# (what render_scene returns; focal is used for KITTI's third column) and returns the split file path.
+
+def _rgb8(s):
+    return np.round(np.clip(s["rgb"], 0, 1) * 255).astype(np.uint8)
+
+
+def _uint16(depth, valid, per_metre, invalid_value):
+    """Quantise metres to uint16 by rounding (Marigold's preprocessing truncates; rounding halves the
+    error). Values that do not fit are written as invalid."""
+    q = np.round(np.asarray(depth, np.float64) * per_metre)
+    ok = np.asarray(valid) & (q > 0) & (q < 65535)
+    return np.where(ok, q, invalid_value).astype(np.uint16)
+
+
+def _write_split(path, lines):
+    _atomic(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    return path
+
+
+def write_depth_set(kind, root, samples, split_name="test"):
+    """Write rendered samples in `kind`'s layout under root; returns the split file's path.
+    Paths follow the real archives' naming (checked against Marigold's split lists):
+      hypersim  ai_000_000/rgb_cam_00_fr0000.png, ai_000_000/depth_plane_cam_00_fr0000.png (mm; >= 65.535 m
+                and invalid -> 0)
+      vkitti    rgb/Scene01/clone/frames/rgb/Camera_0/rgb_00000.jpg,
+                depth/Scene01/clone/frames/depth/Camera_0/depth_00000.png (cm; invalid -> 65535 = sky)
+      nyu       test/scene_0000/rgb_0000.png, depth_0000.png, filled_0000.png (mm)
+      kitti     2011_09_26/2011_09_26_drive_0000_sync/image_02/data/0000000000.png,
+                2011_09_26_drive_0000_sync/proj_depth/groundtruth/image_02/0000000000.png (x256), focal
+      eth3d     rgb/scene/images/dslr_images/DSC_0000.JPG,
+                depth/scene_dslr_depth/scene/ground_truth_depth/dslr_images/DSC_0000.JPG (raw float32)
+      scannet   scene0000_00/color/000000.jpg, scene0000_00/depth/000000.png (mm)
+      diode     indoors/scene_00000/scan_00000/00000_00000_indoors_000_000.png, ..._depth.npy, ..._depth_mask.npy"""
+    if kind not in DEPTH_KINDS or kind == "rendered":
+        raise ValueError(f"unknown data set kind {kind!r}")
+    if not samples:
+        raise ValueError(f"write_depth_set({kind!r}): no samples to write")
+    lines = []
+    for i, s in enumerate(samples):
+        valid = np.asarray(s["valid"], bool)
+        if kind == "hypersim":
+            rgb, dep = f"ai_000_{i // 100:03d}/rgb_cam_00_fr{i % 100:04d}.png", f"ai_000_{i // 100:03d}/depth_plane_cam_00_fr{i % 100:04d}.png"
+            save_image(os.path.join(root, rgb), _rgb8(s))
+            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 1000, 0))
+            lines.append(f"{rgb} {dep}")
+        elif kind == "vkitti":
+            sc = f"Scene{i // 1000 + 1:02d}/clone/frames"
+            rgb, dep = f"rgb/{sc}/rgb/Camera_0/rgb_{i % 1000:05d}.jpg", f"depth/{sc}/depth/Camera_0/depth_{i % 1000:05d}.png"
+            save_image(os.path.join(root, rgb), _rgb8(s))
+            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 100, 65535))
+            lines.append(f"{rgb} {dep}")
+        elif kind == "nyu":
+            base = f"{split_name}/scene_{i // 100:04d}"
+            rgb, dep, fil = f"{base}/rgb_{i:04d}.png", f"{base}/depth_{i:04d}.png", f"{base}/filled_{i:04d}.png"
+            save_image(os.path.join(root, rgb), _rgb8(s))
+            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 1000, 0))
+            far = np.max(np.where(valid, s["depth"], 0))  # "filled": holes set to the farthest depth
+            save_image(os.path.join(root, fil), _uint16(np.where(valid, s["depth"], far), np.ones_like(valid), 1000, 0))
+            lines.append(f"{rgb} {dep} {fil}")
+        elif kind == "kitti":
+            drive = f"2011_09_26_drive_{i // 1000:04d}_sync"
+            rgb, dep = f"2011_09_26/{drive}/image_02/data/{i:010d}.png", f"{drive}/proj_depth/groundtruth/image_02/{i:010d}.png"
+            save_image(os.path.join(root, rgb), _rgb8(s))
+            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 256, 0))
+            lines.append(f"{rgb} {dep} {s.get('focal', 721.5377):.4f}")
+        elif kind == "eth3d":
+            rgb, dep = f"rgb/scene/images/dslr_images/DSC_{i:04d}.JPG", f"depth/scene_dslr_depth/scene/ground_truth_depth/dslr_images/DSC_{i:04d}.JPG"
+            save_image(os.path.join(root, rgb), _rgb8(s))
+            raw = np.where(valid, s["depth"], np.inf).astype("<f4")
+            _atomic(os.path.join(root, dep), lambda f, raw=raw: f.write(raw.tobytes()))
+            lines.append(f"{rgb} {dep}")
+        elif kind == "scannet":
+            rgb, dep = f"scene{i // 100:04d}_00/color/{i * 100:06d}.jpg", f"scene{i // 100:04d}_00/depth/{i * 100:06d}.png"
+            save_image(os.path.join(root, rgb), _rgb8(s))
+            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 1000, 0))
+            lines.append(f"{rgb} {dep}")
+        else:  # diode
+            stem = f"indoors/scene_{i // 100:05d}/scan_{i:05d}/{i // 100:05d}_{i:05d}_indoors_000_000"
+            rgb, dep, msk = f"{stem}.png", f"{stem}_depth.npy", f"{stem}_depth_mask.npy"
+            save_image(os.path.join(root, rgb), _rgb8(s))
+            d = np.where(valid, s["depth"], 0).astype(np.float32)[..., None]  # (H, W, 1) like DIODE's
+            _atomic(os.path.join(root, dep), lambda f, d=d: np.save(f, d))
+            _atomic(os.path.join(root, msk), lambda f, m=valid.astype(np.float32): np.save(f, m))
+            lines.append(f"{rgb} {dep} {msk}")
+    name = {"hypersim": f"filename_list_{split_name}.txt", "vkitti": f"vkitti_{split_name}.txt"}.get(kind, f"{kind}_{split_name}.txt")
+    return _write_split(os.path.join(root, name), lines)
+
+
+# -----------------------------------------------------------------------------
+# 3. Depth normalisation
+#
+# Policy for invalid pixels (sky, holes, beyond the cap), used by training:
+#   - they are excluded from the quantiles;
+#   - after normalisation they are filled with +1, the far plane (as Marigold; sky is far, so the
+#     autoencoder sees a plausible image rather than a hole);
+#   - the loss ignores them through latent_valid_mask: a latent pixel counts only if every image
+#     pixel under it is valid (the official code's bilinear-resize-then-"== 1" test, made exact).
+# Depth is capped at 120 m first (the official code's far plane). The official code takes quantiles
+# over all pixels after filling holes; we take them over valid pixels only, as Marigold does.
+
+DEPTH_CAP = 120.0
+NORM_QUANTILES = {"log": 0.01, "affine": 0.02}
+
+
+def normalize_depth(depth, valid, mode="log", q=None, cap=DEPTH_CAP):
+    """Per-image normalisation of metric depth to [-1, 1].
+    depth, valid: (B, 1, H, W) or (1, H, W) tensors. mode 'log' (default; DepthFM and the official
+    code): x = 2 (log d - log lo) / (log hi - log lo) - 1 with lo, hi the q and 1 - q quantiles of the
+    valid depths (q = 1%); mode 'affine' (Marigold): the same on d itself, q = 2%. Values outside
+    [lo, hi] are clipped to [-1, 1]; invalid pixels are set to +1.
+    Returns (x, lo, hi) with lo, hi (B,) in metres: denormalize_depth(x, lo, hi, mode) inverts."""
+    if mode not in NORM_QUANTILES:
+        raise ValueError(f"unknown depth normalisation {mode!r}: use 'log' or 'affine'")
+    q = NORM_QUANTILES[mode] if q is None else q
+    squeeze = depth.dim() == 3
+    if squeeze:
+        depth, valid = depth[None], valid[None]
+    d = depth.float().clamp(max=cap)
+    ok = valid & (d > 0)
+    flat = torch.where(ok, d, torch.nan).flatten(1)  # (B, HW)
+    qs = torch.nanquantile(flat, torch.tensor([q, 1 - q], dtype=flat.dtype), dim=1)  # (2, B)
+    lo, hi = qs[0], qs[1]
+    lo = torch.where(torch.isnan(lo), torch.ones_like(lo), lo)  # no valid pixel: any range will do
+    hi = torch.where(torch.isnan(hi), torch.ones_like(hi), hi)
+    f = _norm_fn(mode)
+    lo_f, hi_f = f(lo)[:, None, None, None], f(hi)[:, None, None, None]
+    x = 2 * (f(d.clamp(min=1e-6)) - lo_f) / (hi_f - lo_f).clamp(min=1e-6) - 1
+    x = torch.where(ok, x.clamp(-1, 1), torch.ones_like(x))
+    return (x[0] if squeeze else x), lo, hi
+
+
+def denormalize_depth(x, lo, hi, mode="log"):
+    """Inverse of normalize_depth for pixels whose depth lay within [lo, hi]: metres."""
+    if mode not in NORM_QUANTILES:
+        raise ValueError(f"unknown depth normalisation {mode!r}: use 'log' or 'affine'")
+    f = _norm_fn(mode)
+    lo, hi = torch.as_tensor(lo, dtype=x.dtype), torch.as_tensor(hi, dtype=x.dtype)
+    shape = (-1,) + (1,) * (x.dim() - 1) if lo.dim() == 1 and x.dim() == 4 else ()
+    lo_f, hi_f = f(lo).reshape(shape) if shape else f(lo), f(hi).reshape(shape) if shape else f(hi)
+    y = (x + 1) / 2 * (hi_f - lo_f).clamp(min=1e-6) + lo_f
+    return y.exp() if mode == "log" else y
+
+
+def _norm_fn(mode):
+    return torch.log if mode == "log" else (lambda t: t)
+
+
+def latent_valid_mask(valid, factor=8):
+    """(B, 1, H, W) bool -> (B, 1, H/factor, W/factor) bool: True only where all factor x factor
+    pixels under the latent pixel are valid (the loss mask)."""
+    return -F.max_pool2d(-valid.float(), factor) > 0.5
+
+
+def mean_normalized_depth(dataset, n=None, mode="log"):
+    """The trivial baseline: the mean normalised depth map over the first n items of a data set
+    (what a model that ignores its input would learn under an MSE loss). (1, H, W)."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    if n == 0:
+        raise ValueError("mean_normalized_depth: empty data set")
+    total = 0
+    for i in range(n):
+        it = dataset[i]
+        total = total + normalize_depth(it["depth"], it["valid"], mode)[0]
+    return total / n
+
+
+# -----------------------------------------------------------------------------
+# 4. Evaluation protocol (Marigold's, with the alignment space of the model)
+
+def fit_scale_shift(pred, target, valid):
+    """Least squares a, b minimising sum over valid pixels of (a * pred + b - target)^2, in float64
+    (closed form of the 2x2 normal equations). Raises if fewer than 2 valid pixels."""
+    p = torch.as_tensor(pred).double()[torch.as_tensor(valid)]
+    g = torch.as_tensor(target).double()[torch.as_tensor(valid)]
+    if p.numel() < 2:
+        raise ValueError(f"fit_scale_shift: {p.numel()} valid pixels, need at least 2")
+    pm, gm = p.mean(), g.mean()
+    var = ((p - pm) ** 2).mean()
+    a = ((p - pm) * (g - gm)).mean() / var if var > 0 else torch.zeros((), dtype=torch.float64)
+    return float(a), float(gm - a * pm)
+
+
+def align_prediction(pred, gt, valid, space="log"):
+    """Per-image least-squares alignment of a relative prediction to metric ground truth.
+    space 'log': fit log g ~ a p + b, return exp(a p + b) (for models of log-normalised depth; the
+               official validation aligns in log space too);
+    space 'depth': fit g ~ a p + b, return a p + b (Marigold, for affine-normalised depth).
+    Returns (aligned depth in metres, a, b)."""
+    pred, gt = torch.as_tensor(pred).double(), torch.as_tensor(gt).double()
+    valid = torch.as_tensor(valid) & (gt > 0)
+    if space == "log":
+        a, b = fit_scale_shift(pred, gt.clamp(min=1e-12).log(), valid)
+        return (a * pred + b).exp(), a, b
+    if space == "depth":
+        a, b = fit_scale_shift(pred, gt, valid)
+        return a * pred + b, a, b
+    raise ValueError(f"unknown alignment space {space!r}: use 'log' or 'depth'")
+
+
+def depth_metrics(pred, gt, valid):
+    """AbsRel = mean |p - g| / g and delta1 = share of max(p/g, g/p) < 1.25, over valid pixels of one image."""
+    pred, gt = torch.as_tensor(pred).double(), torch.as_tensor(gt).double()
+    valid = torch.as_tensor(valid) & (gt > 0)
+    if not valid.any():
+        raise ValueError("depth_metrics: no valid ground-truth pixels")
+    p, g = pred[valid], gt[valid]
+    return dict(abs_rel=float(((p - g).abs() / g).mean()),
+                delta1=float((torch.maximum(p / g, g / p) < 1.25).double().mean()))
+
+
+def evaluate_depth(pred, gt, valid, kind="rendered", space="log"):
+    """One image under the Marigold protocol: align on valid pixels, clip to the data set's depth
+    range (DEPTH_KINDS[kind]; and >= 1e-6), then AbsRel and delta1 over valid pixels. pred is the raw
+    prediction (e.g. the model's normalised output) at gt's size; valid should already hold the
+    data set's crops (the loaders do that). Returns dict(abs_rel, delta1, scale, shift)."""
+    spec = DEPTH_KINDS[kind]
+    aligned, a, b = align_prediction(pred, gt, valid, space)
+    aligned = aligned.clamp(min=max(spec["min_depth"], 1e-6), max=spec["max_depth"])
+    return dict(depth_metrics(aligned, gt, valid), scale=a, shift=b)
+
+
+def ensemble_align(preds, valid=None, reduction="median", iters=10, tol=1e-7):
+    """Merge K predictions of one image that agree only up to scale and shift (in the space the model
+    predicts, e.g. normalised log depth). Alternates: fit each member to the current merged map by
+    least squares, re-merge by the per-pixel median (or mean), and fix the free affine gauge so the
+    merged map keeps the members' average mean and spread. If the members are exact affine copies,
+    one step suffices: every member's span {x_k, 1} is the same, so all project onto one map.
+    preds: (K, H, W) or (K, 1, H, W); valid: optional (H, W) mask of pixels to fit on.
+    Returns (merged (H, W) or (1, H, W) as given, spread = median |aligned_k - merged| per pixel)."""
+    if reduction not in ("median", "mean"):
+        raise ValueError(f"unknown ensemble reduction {reduction!r}: use 'median' or 'mean'")
+    x = torch.as_tensor(preds).double()
+    shape = x.shape[1:]
+    x = x.reshape(x.shape[0], -1)  # (K, N)
+    m = torch.ones(x.shape[1], dtype=torch.bool) if valid is None else torch.as_tensor(valid).reshape(-1).bool()
+    if m.sum() < 2:
+        raise ValueError("ensemble_align: fewer than 2 pixels to align on")
+    merge = (lambda y: y.median(0).values) if reduction == "median" else (lambda y: y.mean(0))
+    mu, sd = x[:, m].mean(1).mean(), x[:, m].std(1).mean()  # the gauge: members' average statistics
+    ref = merge(x)
+    aligned = x
+    for _ in range(iters):
+        ab = [fit_scale_shift(x[k], ref, m) for k in range(len(x))]
+        aligned = torch.stack([a * x[k] + b for k, (a, b) in enumerate(ab)])
+        new = merge(aligned)
+        s = new[m].std()
+        g_a = sd / s if s > 0 else 1.0
+        g_b = mu - g_a * new[m].mean()
+        new, aligned = g_a * new + g_b, g_a * aligned + g_b
+        done = (new - ref).abs().max() < tol
+        ref = new
+        if done:
+            break
+    spread = (aligned - ref).abs().median(0).values
+    return ref.reshape(shape).float(), spread.reshape(shape).float()
