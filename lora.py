@@ -69,7 +69,9 @@ class LoRALayer:
         y = super().forward(x)  # the base layer: W x + b
         if self.merged:
             return y
-        h = self.lora_down(self.lora_dropout(x.to(self.lora_down.weight.dtype)))  # (..., r)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)  # e.g. a bf16 base without autocast: branch in fp32
+        h = self.lora_down(self.lora_dropout(x))  # (..., r) or (B, r, H', W')
         return y + (self.scale * self.lora_up(h)).to(y.dtype)
 
     def delta_weight(self):

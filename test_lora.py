@@ -476,3 +476,157 @@ def test_bad_files(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_lora(tmp_path / "nope.safetensors", tiny())
+
+
+# ----------------------------------------------------------------------------------------------
+# with the real UNet (unet.py): diffusers interop, widened input conv, SD2.1 parameter counts
+
+def tiny_unet_config(use_linear):
+    from unet import UNetConfig
+    # SD's layout in miniature: attention at every level but the last, so the first up level has no
+    # attention (its Upsample sits at output_blocks.N.1, as SD's output_blocks.2.1.conv)
+    return UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+                      context_dim=24, num_heads=-1 if use_linear else 2, num_head_channels=16 if use_linear else -1,
+                      use_linear_in_transformer=use_linear)
+
+
+def tiny_unet(use_linear=True, seed=0):
+    from unet import UNetModel
+    return randomize(UNetModel(tiny_unet_config(use_linear)), seed, std=0.1)
+
+
+def unet_inputs(seed=0, c_in=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, c_in, 8, 8, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24, generator=g)
+
+
+@pytest.mark.parametrize("use_linear", [True, False], ids=["sd2-linear-proj", "sd1-conv-proj"])
+def test_diffusers_loads_our_lora(tmp_path, use_linear):
+    """diffusers' own LDM->diffusers UNet converter and its kohya LoRA loader read our file (LDM-path
+    names) into a UNet2DConditionModel whose output then matches ours: conv LoRAs on ResBlock 3x3
+    convs, 1x1 skip convs and the stride-2 downsample conv included, all attention/ff/proj targets."""
+    import re
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm)
+    cfg = tiny_unet_config(use_linear)
+    unet = tiny_unet(use_linear)
+    ckpt = {"model.diffusion_model." + k: v.clone() for k, v in unet.state_dict().items()}
+    ldm_params = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=list(cfg.channel_mult),
+                      num_res_blocks=1, attention_resolutions=[1], transformer_depth=1, context_dim=24,
+                      use_linear_in_transformer=use_linear,
+                      **({"num_head_channels": 16} if use_linear else {"num_heads": 2}))
+    original_config = {"model": {"params": {"unet_config": {"params": ldm_params},
+                                            "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
+    dcfg = create_unet_diffusers_config_from_ldm(original_config, ckpt)
+    dunet = UNet2DConditionModel(**dcfg)
+    dunet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dcfg), strict=True)
+    x, t, ctx = unet_inputs()
+    with torch.no_grad():
+        base_out = unet(x, t, ctx)
+        assert rel(dunet(x, t, encoder_hidden_states=ctx).sample, base_out) < 1e-5  # same base
+
+    names = inject_lora(unet, 3, alpha=2.0, targets=tuple(lora.TARGETS))
+    assert {"input_blocks.2.0.op", "input_blocks.3.0.skip_connection", "input_blocks.1.0.in_layers.2"} <= set(names)
+    randomize_lora(unet, 1, std=0.1)
+    # diffusers 0.42 maps kohya LDM names by block position and sends the Upsample conv of an
+    # attention-free up level (here output_blocks.1.1.conv, in SD output_blocks.2.1.conv) to a
+    # non-existent `attentions` module, dropping it with an "unexpected keys" warning. ComfyUI and
+    # A1111 apply it. Zero that one so the comparison covers everything diffusers can place.
+    dropped = [n for n in names if re.fullmatch(r"output_blocks\.\d+\.1\.conv", n)]
+    assert dropped == ["output_blocks.1.1.conv"]
+    with torch.no_grad():
+        unet.get_submodule(dropped[0]).lora_up.weight.zero_()
+    path = tmp_path / "l.safetensors"
+    save_lora(path, unet, lora_metadata("sd2" if use_linear else "sd1", "v" if use_linear else "eps"))
+
+    state_dict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(load_file(path), unet_config=dunet.config)
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, dunet)
+    with torch.no_grad():
+        ours = unet(x, t, ctx)
+        theirs = dunet(x, t, encoder_hidden_states=ctx).sample
+    err, effect = rel(theirs, ours), rel(ours, base_out)
+    print(f"diffusers vs ours ({'linear' if use_linear else 'conv'} proj): rel err {err:.2e}, LoRA effect {effect:.2e}")
+    assert effect > 1e-2  # the LoRA changes the output, so agreement means something
+    assert err < 1e-4
+
+
+def test_depth_lora_on_unet(tmp_path):
+    """A depth-style LoRA: input conv widened to 8 channels and trained in full, LoRA elsewhere.
+    Round trip through the two files; refused by name on a 4-channel base."""
+    from unet import widen_input_conv
+    unet = widen_input_conv(tiny_unet(), 8)
+    inject_lora(unet, 4, full_train=(CONV_IN, "out.2"))
+    randomize_lora(unet, 1, std=0.1)
+    randomize(unet.get_submodule(CONV_IN), 2, std=0.1)
+    x, t, ctx = unet_inputs(c_in=8)
+    with torch.no_grad():
+        out = unet(x, t, ctx)
+    path = tmp_path / "depth.safetensors"
+    save_lora(path, unet, lora_metadata("sd2", "v", task="depth", objective="diff2flow", zero_snr=True))
+    assert set(load_file(companion_path(path))) == {"input_blocks.0.0.weight", "input_blocks.0.0.bias",
+                                                    "out.2.weight", "out.2.bias"}
+    with pytest.raises(ValueError, match=r"8 input channels \(task depth\), the model has 4.*input_blocks.0.0"):
+        load_lora(path, tiny_unet())
+    fresh = widen_input_conv(tiny_unet(), 8)
+    load_lora(path, fresh)
+    plain = widen_input_conv(tiny_unet(), 8)  # what other tools do: W + (alpha/r) up down, no lora.py
+    plain.load_state_dict(apply_kohya_file(plain.state_dict(), path))
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t, ctx), out)
+        err = rel(plain(x, t, ctx), out)
+    print(f"independent reader vs LoRA UNet: rel err {err:.2e}")
+    assert err < 1e-5
+
+
+def test_sd21_trainable_parameter_counts():
+    """The full SD2.1 UNet on the meta device (no memory): LoRA sizes of the paper's two setups.
+    The count is checked against a closed form written here from the base layers' shapes:
+    a LoRA of rank r on a layer with fan-in n_in (in * k * k for a conv) and n_out outputs has
+    r * (n_in + n_out) parameters."""
+    from unet import UNetConfig, UNetModel
+
+    def sd21():
+        with torch.device("meta"):
+            return UNetModel(UNetConfig(context_dim=1024, num_heads=-1, num_head_channels=64,
+                                        use_linear_in_transformer=True))
+
+    base = sd21()
+    assert sum(p.numel() for p in base.parameters()) == 865_910_724
+    patterns = {"conv": r".*\.(in_layers\.2|out_layers\.3|skip_connection|op|conv)",
+                "attn": r".*\.attn[12]\.to_[qkv]", "attn_out": r".*\.to_out\.0",
+                "ff": r".*\.ff\.net\.(0\.proj|2)", "proj": r".*\.proj_(in|out)"}
+
+    def closed_form(rank, targets):
+        import re
+        total = 0
+        for name, m in base.named_modules():
+            if not isinstance(m, (nn.Linear, nn.Conv2d)) or \
+                    not any(re.fullmatch(patterns[t], name) for t in targets):
+                continue
+            n_in = m.weight[0].numel()  # in * k * k
+            n_out = m.weight.shape[0]
+            width = max(m.weight.shape[:2])
+            r = rank if isinstance(rank, int) else math.ceil(rank * width)
+            total += r * (n_in + n_out)
+        return total
+
+    # (setup, rank, targets, DESIGN.md's figure in M, the paper's figure in M)
+    rows = [("paper small", 64, ("conv", "attn", "ff", "proj"), "61.5", "62"),
+            ("small + to_out", 64, ("conv", "attn", "attn_out", "ff", "proj"), "64.7", None),
+            ("paper base", 0.2, ("conv", "attn"), "207", "222"),
+            ("base + to_out + proj", 0.2, ("conv", "attn", "attn_out", "proj"), "227", None)]
+    for label, rank, targets, design, paper in rows:
+        unet = sd21()
+        inject_lora(unet, rank, targets=targets)
+        n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        print(f"SD2.1 LoRA {label:21s} rank {rank:<4} {'+'.join(targets):27s}: {n:,} trainable "
+              f"({n / 1e6:.1f} M" + (f"; paper {paper} M)" if paper else ")"))
+        assert n == closed_form(rank, targets)
+        decimals = len(design.partition(".")[2])
+        assert f"{n / 1e6:.{decimals}f}" == design
+    unet = sd21()
+    inject_lora(unet, 64, full_train=(CONV_IN, "out.2"))  # + input and last conv in full (4 channels)
+    n_full = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert n_full - closed_form(64, ("conv", "attn", "ff", "proj")) == 320 * 4 * 9 + 320 + 4 * 320 * 9 + 4
