@@ -28,7 +28,8 @@ Public API
     inject_lora(model, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, full_train=()) -> names
     merge_lora(model), unmerge_lora(model), lora_layers(model), lora_state_dict(model)
     lora_metadata(base, prediction_type, ...) -> dict;  save_lora(path, model, metadata) -> dict
-    load_lora(path, model) -> metadata;  companion_path(path);  lora_rank(rank, n_in, n_out)
+    load_lora(path, model) -> metadata;  read_metadata(path);  companion_path(path)
+    lora_rank(rank, n_in, n_out);  TARGETS, DEFAULT_TARGETS, CONV_IN, CONV_OUT
 """
 import datetime
 import hashlib
@@ -383,6 +384,15 @@ def save_lora(path, model, metadata=None, dtype=torch.float32):
     elif os.path.exists(side):
         os.remove(side)
     return meta
+
+
+def read_metadata(path):
+    """The safetensors metadata of a LoRA file (no tensors read): what sampling needs to know
+    (prediction type, zero-SNR, task, objective, UNet input channels) before building the model."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def _read(path):

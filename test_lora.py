@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 from lora import (CONV_IN, LoRAConv2d, LoRALinear, companion_path, inject_lora, load_lora, lora_layers,
-                  lora_metadata, lora_state_dict, merge_lora, save_lora, unmerge_lora)
+                  lora_metadata, lora_state_dict, merge_lora, read_metadata, save_lora, unmerge_lora)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +367,17 @@ def test_save_load_roundtrip(tmp_path):
     inject_lora(again, 3, full_train=(CONV_IN,))
     load_lora(path, again)
     assert torch.equal(again(x, emb, ctx), out)
+
+    assert read_metadata(path) == meta
+
+    # full finetuning (no LoRA layers): an empty LoRA file, every weight in the companion file
+    full = tiny(5)
+    full.requires_grad_(True)
+    save_lora(tmp_path / "full.safetensors", full, META)
+    assert not load_file(tmp_path / "full.safetensors")
+    fresh = tiny()
+    load_lora(tmp_path / "full.safetensors", fresh)
+    assert torch.equal(fresh(x, emb, ctx), full(x, emb, ctx))
 
     # saving without fully trained parameters removes the stale companion file
     plain = tiny()
