@@ -23,6 +23,11 @@ File format (what ComfyUI, A1111 and diffusers read, see DESIGN.md "LoRA"):
   refuses a kohya file with any other key. Parameters trained in full (the widened input conv, the
   last conv) go in a companion file `<name>.full.safetensors` beside `<name>.safetensors`, with
   state-dict names (`input_blocks.0.0.weight`); `load_lora` reads it when present.
+  ComfyUI and A1111 map these names onto their own LDM-layout UNet directly. diffusers 0.42
+  (`StableDiffusionLoraLoaderMixin.lora_state_dict(sd, unet_config=...)` + `load_lora_into_unet`)
+  reproduces our output exactly except for one layer it misplaces: the Upsample conv of SD's
+  attention-free up level (`output_blocks.2.1.conv`), which it drops with an "unexpected keys"
+  warning (its name mapping assumes index 1 of an output block is an attention block).
 
 Public API
     inject_lora(model, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, full_train=()) -> names
@@ -52,7 +57,8 @@ class LoRALayer:
     The base layer's own forward computes W x + b; the branch adds (alpha/rank) * up(down(x)).
     LoRA parameters are created in fp32 and stay fp32: under bf16 autocast the matmuls run in bf16
     but the optimizer updates fp32 master weights; with a bf16 base and no autocast the branch runs
-    in fp32 and its output is cast to the base's dtype.
+    in fp32 and its output is cast to the base's dtype. (So cast the base model, e.g. to bf16,
+    before inject_lora, not after: model.to(dtype) casts every parameter.)
     """
 
     def _add_lora(self, down, up, rank, alpha, dropout):
@@ -163,7 +169,8 @@ TARGETS = {
     "attn": ("to_q", "to_k", "to_v"),  # self- and cross-attention projections (the official code)
     "attn_out": ("to_out.0",),  # attention output projection
     "ff": ("ff.net.0.proj", "ff.net.2"),  # feed-forward (GEGLU in-projection and out), biases kept
-    "proj": ("proj_in", "proj_out"),  # SpatialTransformer in/out (Conv2d 1x1 in SD1, Linear in SD2)
+    "proj": ("proj_in", "proj_out"),  # SpatialTransformer in/out (Conv2d 1x1 in SD1, Linear in SD2;
+    #        the official code counts SD1's as convs, here they are "proj" in both families)
 }
 DEFAULT_TARGETS = ("conv", "attn", "ff", "proj")  # the paper's "rank 64 on conv, attention, ff"
 CONV_IN, CONV_OUT = "input_blocks.0.0", "out.2"  # LDM paths of the first and last conv: the
