@@ -26,7 +26,8 @@ Facts checked against Marigold's data set classes, configs and split lists (read
 | kitti    | PNG      | uint16 PNG, value / 256, 0 = invalid    | (1e-5, 80)       | benchmark crop, Eigen mask|
 | eth3d    | JPG      | raw float32 (no header), inf = invalid  | (1e-5, inf)      | none                      |
 | scannet  | JPG      | uint16 PNG, millimetres                 | (1e-3, 10)       | none                      |
-| diode    | PNG      | .npy (H, W, 1) metres + _depth_mask.npy | mask file; clip predictions to [0.6, 350] | none |
+| diode    | PNG      | .npy (H, W, 1) metres + _depth_mask.npy | mask file (*)    | none                      |
+(*) DIODE's validity is its mask file; aligned predictions are clipped to [0.6, 350] m.
 Ranges are open intervals (d > min and d < max), as Marigold tests them.
 """
 
@@ -94,7 +95,7 @@ def _hsv_to_rgb(h, s, v):
     return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
 
 
-def random_scene(seed, width=128, min_valid=0.25):
+def random_scene(seed, min_valid=0.25):
     """A random scene description (a plain dict) from a seed; render() turns it into images.
 
     Two kinds, half each: a closed room (floor, four walls, ceiling, a point light; every pixel
@@ -102,22 +103,23 @@ def random_scene(seed, width=128, min_valid=0.25):
     sun light, large boxes as buildings). Camera height, pitch, yaw, roll, field of view, object
     count, size and distance are all random, so depth must be read from the image: the mean training
     depth map is a weak predictor (see test_data.py for the measured baseline).
-    Scenes whose valid share would fall below min_valid are redrawn (deterministically)."""
+    Scenes whose valid share would fall below min_valid are redrawn (deterministically). The
+    description does not depend on the image size (the focal length is a fraction of the width)."""
     for attempt in range(20):
         rng = np.random.default_rng([seed, attempt])
-        scene = _draw_scene(rng, width)
+        scene = _draw_scene(rng)
         if scene["kind"] == "room" or _valid_share(scene) >= min_valid:
             return scene
     return scene
 
 
 def _valid_share(scene):
-    # cheap 16x16 look at how much of the view is valid ground/objects
+    # a cheap 12 x 16 look at how much of the view is valid
     out = render(scene, 12, 16)
     return out["valid"].mean()
 
 
-def _draw_scene(rng, width):
+def _draw_scene(rng):
     hfov = np.deg2rad(rng.uniform(45, 80))
     focal_frac = 0.5 / math.tan(hfov / 2)  # focal length in units of the image width
     scene = dict(focal_frac=focal_frac, planes=[], spheres=[], boxes=[], quads=[],
@@ -129,13 +131,15 @@ def _draw_scene(rng, width):
         sx, sz = np.exp(rng.uniform(np.log(2.5), np.log(14), 2))
         ceil = rng.uniform(2.2, 4.5)
         lo, hi = np.zeros(3), np.array([sx, ceil, sz])
-        cam = np.array([rng.uniform(0.3, sx - 0.3), rng.uniform(0.3, min(2.6, ceil - 0.3)), rng.uniform(0.3, sz - 0.3)])
+        cam = np.array([rng.uniform(0.3, sx - 0.3), rng.uniform(0.3, min(2.6, ceil - 0.3)),
+                        rng.uniform(0.3, sz - 0.3)])
         rot = camera_rotation(yaw, np.deg2rad(rng.uniform(-50, 45)), roll)
         # one-sided planes n . p = c with n pointing into the room: floor, ceiling, 4 walls
         for n, c in [((0, 1, 0), 0.0), ((0, -1, 0), -ceil), ((1, 0, 0), 0.0), ((-1, 0, 0), -sx),
                      ((0, 0, 1), 0.0), ((0, 0, -1), -sz)]:
             scene["planes"].append(dict(n=np.array(n, float), c=c, material=_material(rng, 0.0)))
-        scene["light"] = dict(kind="point", pos=np.array([rng.uniform(0.2, sx - 0.2), ceil - 0.15, rng.uniform(0.2, sz - 0.2)]),
+        lamp = np.array([rng.uniform(0.2, sx - 0.2), ceil - 0.15, rng.uniform(0.2, sz - 0.2)])
+        scene["light"] = dict(kind="point", pos=lamp,
                               power=rng.uniform(0.6, 1.2), falloff=max(sx, sz, ceil))
         for _ in range(rng.integers(0, 15)):  # furniture anywhere in the room
             size = math.exp(rng.uniform(math.log(0.12), math.log(min(1.3, 0.3 * min(sx, sz)))))
@@ -148,10 +152,11 @@ def _draw_scene(rng, width):
         rot = camera_rotation(yaw, np.deg2rad(rng.uniform(-60, 15)), roll)
         scene["planes"].append(dict(n=np.array([0.0, 1.0, 0.0]), c=0.0, material=_material(rng)))
         elev, azim = np.deg2rad(rng.uniform(15, 75)), rng.uniform(0, 2 * np.pi)
-        scene["light"] = dict(kind="sun", power=1.0, dir=-np.array([math.cos(elev) * math.sin(azim), math.sin(elev),
-                                                                    math.cos(elev) * math.cos(azim)]))
-        scene["sky"] = dict(horizon=_hsv_to_rgb(rng.uniform(0.5, 0.7), rng.uniform(0, 0.3), rng.uniform(0.7, 1)),
-                            zenith=_hsv_to_rgb(rng.uniform(0.55, 0.7), rng.uniform(0.3, 0.8), rng.uniform(0.5, 0.9)))
+        to_sun = np.array([math.cos(elev) * math.sin(azim), math.sin(elev), math.cos(elev) * math.cos(azim)])
+        scene["light"] = dict(kind="sun", power=1.0, dir=-to_sun)
+        scene["sky"] = dict(
+            horizon=_hsv_to_rgb(rng.uniform(0.5, 0.7), rng.uniform(0, 0.3), rng.uniform(0.7, 1)),
+            zenith=_hsv_to_rgb(rng.uniform(0.55, 0.7), rng.uniform(0.3, 0.8), rng.uniform(0.5, 0.9)))
         scene["fog"] = math.exp(rng.uniform(math.log(60), math.log(400)))  # aerial perspective, metres
         n_obj, n_bld = rng.integers(0, 16), rng.integers(0, 6)
         spread = hfov / 2 + 0.3
@@ -166,7 +171,8 @@ def _draw_scene(rng, width):
     # foreground objects at random places in the view, so that "near" is not always "image bottom"
     for _ in range(rng.choice(4, p=[0.3, 0.35, 0.25, 0.1])):
         dist = math.exp(rng.uniform(*np.log(near)))
-        c = cam + dist * rot @ np.array([rng.uniform(-0.45, 0.45) / focal_frac, rng.uniform(-0.35, 0.35) / focal_frac, 1.0])
+        where = np.array([rng.uniform(-0.45, 0.45) / focal_frac, rng.uniform(-0.35, 0.35) / focal_frac, 1.0])
+        c = cam + dist * rot @ where  # planar distance dist along a ray into the view
         size = dist * rng.uniform(0.2, 0.7)
         if scene["kind"] == "room":
             c = np.clip(c, lo + 0.05, hi - 0.05)
@@ -372,7 +378,8 @@ def render(scene, height, width, return_distance=False):
         sky = (1 - up) * scene["sky"]["horizon"] + up * scene["sky"]["zenith"]
         dist = t * np.linalg.norm(d, axis=1)
         haze = np.exp(-np.where(hit, dist, np.inf) / scene["fog"])[:, None]  # aerial perspective
-        radiance = np.where(hit[:, None], haze * radiance + (1 - haze) * scene["sky"]["horizon"] ** 2.2, sky ** 2.2)
+        far = scene["sky"]["horizon"] ** 2.2  # linear light of the haze
+        radiance = np.where(hit[:, None], haze * radiance + (1 - haze) * far, sky ** 2.2)
     rgb = np.clip(radiance, 0, 1) ** (1 / 2.2)  # linear -> display gamma
 
     valid = hit & (t < scene["max_depth"])
@@ -386,7 +393,7 @@ def render(scene, height, width, return_distance=False):
 
 def render_scene(seed, height=96, width=128, return_distance=False):
     """The procedural scene `seed` rendered at height x width (see random_scene and render)."""
-    return render(random_scene(seed, width), height, width, return_distance)
+    return render(random_scene(seed), height, width, return_distance)
 
 
 def _to_item(rgb01, depth, valid, name):
@@ -445,41 +452,69 @@ def distance_to_planar(distance, focal=HYPERSIM_FOCAL):
     x = j + 0.5 - W/2, y = i + 0.5 - H/2. f = 886.81 px holds at 1024 x 768; pass the focal length
     of other sizes (it scales with the width)."""
     distance = np.asarray(distance, np.float64)
-    h, w = distance.shape[-2:]
-    y, x = np.meshgrid(np.arange(h) + 0.5 - h / 2, np.arange(w) + 0.5 - w / 2, indexing="ij")
-    return distance * focal / np.sqrt(x * x + y * y + focal * focal)
+    return distance * focal / _ray_length(distance.shape[-2:], focal)
 
 
 def planar_to_distance(depth, focal=HYPERSIM_FOCAL):
     """Inverse of distance_to_planar."""
     depth = np.asarray(depth, np.float64)
-    h, w = depth.shape[-2:]
-    y, x = np.meshgrid(np.arange(h) + 0.5 - h / 2, np.arange(w) + 0.5 - w / 2, indexing="ij")
-    return depth * np.sqrt(x * x + y * y + focal * focal) / focal
+    return depth * _ray_length(depth.shape[-2:], focal) / focal
 
 
-# How each kind stores depth, its valid range (open interval, Marigold's), and its crops.
+def _ray_length(hw, focal):
+    y, x = np.meshgrid(np.arange(hw[0]) + 0.5 - hw[0] / 2, np.arange(hw[1]) + 0.5 - hw[1] / 2, indexing="ij")
+    return np.sqrt(x * x + y * y + focal * focal)  # |(x, y, f)| in pixels
+
+
+# How each kind stores depth, its valid range (open interval, Marigold's) and its crops.
+# eval_crop: the evaluation region; eval_default: whether loaders apply it unasked.
+_K = dict(kb_crop=False, eval_crop=None, eval_default=False)
 DEPTH_KINDS = {
-    "hypersim": dict(encoding="png_mm", min_depth=1e-5, max_depth=65.0, kb_crop=False, eval_mask=None),
-    "vkitti": dict(encoding="png_cm", min_depth=1e-5, max_depth=80.0, kb_crop=True, eval_mask=None),
-    "nyu": dict(encoding="png_mm", min_depth=1e-3, max_depth=10.0, kb_crop=False, eval_mask="nyu_eigen"),
-    "kitti": dict(encoding="png_256", min_depth=1e-5, max_depth=80.0, kb_crop=True, eval_mask="kitti_eigen"),
-    "eth3d": dict(encoding="eth3d_raw", min_depth=1e-5, max_depth=math.inf, kb_crop=False, eval_mask=None),
-    "scannet": dict(encoding="png_mm", min_depth=1e-3, max_depth=10.0, kb_crop=False, eval_mask=None),
-    "diode": dict(encoding="npy", min_depth=0.6, max_depth=350.0, kb_crop=False, eval_mask=None),
-    "rendered": dict(encoding=None, min_depth=RENDER_MIN_DEPTH, max_depth=MAX_RENDER_DEPTH, kb_crop=False,
-                     eval_mask=None),
+    "hypersim": dict(_K, encoding="png_mm", min_depth=1e-5, max_depth=65.0),
+    "vkitti": dict(_K, encoding="png_cm", min_depth=1e-5, max_depth=80.0, kb_crop=True, eval_crop="kitti_eigen"),
+    "nyu": dict(_K, encoding="png_mm", min_depth=1e-3, max_depth=10.0, eval_crop="nyu_eigen", eval_default=True),
+    "kitti": dict(_K, encoding="png_256", min_depth=1e-5, max_depth=80.0, kb_crop=True, eval_crop="kitti_eigen",
+                  eval_default=True),
+    "eth3d": dict(_K, encoding="eth3d_raw", min_depth=1e-5, max_depth=math.inf),
+    "scannet": dict(_K, encoding="png_mm", min_depth=1e-3, max_depth=10.0),
+    "diode": dict(_K, encoding="npy", min_depth=0.6, max_depth=350.0),
+    "rendered": dict(_K, encoding=None, min_depth=RENDER_MIN_DEPTH, max_depth=MAX_RENDER_DEPTH),
 }
-# The evaluation sets of the paper's Table 2, with Marigold's archive and split-list names
-# (Marigold's repository, data_split/...); sizes after dropping KITTI's lines without ground truth.
+# The evaluation sets of the paper's Table 2: Marigold's archive names and split lists (in Marigold's
+# repository under data_split/), and the image counts after dropping KITTI's lines without depth.
 EVAL_SETS = {
-    "nyu": dict(archive="nyuv2/nyu_labeled_extracted.tar", split="nyu_depth/labeled/filename_list_test.txt", n=654),
-    "kitti": dict(archive="kitti/kitti_eigen_split_test.tar", split="kitti_depth/eigen_test_files_with_gt.txt", n=652),
+    "nyu": dict(archive="nyuv2/nyu_labeled_extracted.tar", split="nyu_depth/labeled/filename_list_test.txt",
+                n=654),
+    "kitti": dict(archive="kitti/kitti_eigen_split_test.tar", split="kitti_depth/eigen_test_files_with_gt.txt",
+                  n=652),
     "eth3d": dict(archive="eth3d/eth3d.tar", split="eth3d_depth/eth3d_filename_list.txt", n=454),
-    "scannet": dict(archive="scannet/scannet_val_sampled_800_1.tar", split="scannet_depth/scannet_val_sampled_list_800_1.txt", n=800),
+    "scannet": dict(archive="scannet/scannet_val_sampled_800_1.tar",
+                    split="scannet_depth/scannet_val_sampled_list_800_1.txt", n=800),
     "diode": dict(archive="diode/diode_val.tar", split="diode_depth/diode_val_all_filename_list.txt", n=771),
 }
+# File naming of each layout, as in the real archives' split lists; {i} = sample index, {g} = i // 100
+# (a scene or drive), {s} = split name. Columns: RGB, depth, then NYU's filled depth or DIODE's mask.
+LAYOUTS = {
+    "hypersim": ["ai_000_{g:03d}/rgb_cam_00_fr{i:04d}.png", "ai_000_{g:03d}/depth_plane_cam_00_fr{i:04d}.png"],
+    "vkitti": ["rgb/Scene{g:02d}/clone/frames/rgb/Camera_0/rgb_{i:05d}.jpg",
+               "depth/Scene{g:02d}/clone/frames/depth/Camera_0/depth_{i:05d}.png"],
+    "nyu": ["{s}/scene_{g:04d}/rgb_{i:04d}.png", "{s}/scene_{g:04d}/depth_{i:04d}.png",
+            "{s}/scene_{g:04d}/filled_{i:04d}.png"],
+    "kitti": ["2011_09_26/2011_09_26_drive_{g:04d}_sync/image_02/data/{i:010d}.png",
+              "2011_09_26_drive_{g:04d}_sync/proj_depth/groundtruth/image_02/{i:010d}.png"],
+    "eth3d": ["rgb/scene{g}/images/dslr_images/DSC_{i:04d}.JPG",
+              "depth/scene{g}_dslr_depth/scene{g}/ground_truth_depth/dslr_images/DSC_{i:04d}.JPG"],
+    "scannet": ["scene{g:04d}_00/color/{i:06d}.jpg", "scene{g:04d}_00/depth/{i:06d}.png"],
+    "diode": ["indoors/scene_{g:05d}/scan_{i:05d}/{g:05d}_{i:05d}_indoors_000_000.png",
+              "indoors/scene_{g:05d}/scan_{i:05d}/{g:05d}_{i:05d}_indoors_000_000_depth.npy",
+              "indoors/scene_{g:05d}/scan_{i:05d}/{g:05d}_{i:05d}_indoors_000_000_depth_mask.npy"],
+}
 KB_CROP_HW = (352, 1216)  # the KITTI benchmark crop: bottom 352 rows, centred 1216 columns
+
+
+def _check_kind(kind):
+    if kind not in LAYOUTS:
+        raise ValueError(f"unknown data set kind {kind!r}: use one of {', '.join(LAYOUTS)}")
 
 
 def _atomic(path, write):
@@ -497,27 +532,11 @@ def _atomic(path, write):
 
 def save_image(path, array, quality=95):
     """uint8 (H, W, 3) or uint16 (H, W) -> PNG/JPG by extension, atomically. uint16 is 16-bit PNG."""
-    array = np.asarray(array)
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise ValueError(f"save_image: unknown image extension in {path}; use .png or .jpg")
-    img = Image.fromarray(array)  # uint16 (H, W) -> mode I;16
+    img = Image.fromarray(np.asarray(array))  # uint16 (H, W) -> mode I;16
     _atomic(path, lambda f: img.save(f, format=fmt, **({"quality": quality} if fmt == "JPEG" else {})))
-
-
-def read_rgb(path):
-    """An RGB image file -> float32 (H, W, 3) in [0, 1]."""
-    img = _open_image(path)
-    return np.asarray(img.convert("RGB"), np.float32) / 255.0
-
-
-def read_png16(path):
-    """A 16-bit PNG -> float64 (H, W) of the raw integer values."""
-    img = _open_image(path)
-    arr = np.asarray(img)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a single-channel 16-bit depth PNG, got mode {img.mode} shape {arr.shape}")
-    return arr.astype(np.float64)
 
 
 def _open_image(path):
@@ -531,18 +550,19 @@ def _open_image(path):
     return img
 
 
-def _read_eth3d_depth(path, hw):
-    """ETH3D ground truth: raw little-endian float32, row-major, no header, inf = no measurement.
-    The size is not in the file: it is the RGB image's (6048 x 4032 in the real set)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing file: {path}")
-    raw = np.fromfile(path, dtype="<f4")
-    if raw.size != hw[0] * hw[1]:
-        raise ValueError(f"{path}: {raw.size} float32 values, but its RGB image is {hw[1]}x{hw[0]} "
-                         f"({hw[0] * hw[1]} pixels)")
-    d = raw.reshape(hw).astype(np.float64)
-    d[~np.isfinite(d)] = 0.0
-    return d
+def read_rgb(path):
+    """An RGB image file -> float32 (H, W, 3) in [0, 1]."""
+    return np.asarray(_open_image(path).convert("RGB"), np.float32) / 255.0
+
+
+def read_png16(path):
+    """A 16-bit PNG -> float64 (H, W) of the raw integer values."""
+    img = _open_image(path)
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a single-channel 16-bit depth PNG, got mode {img.mode} "
+                         f"shape {arr.shape}")
+    return arr.astype(np.float64)
 
 
 def _read_npy(path):
@@ -552,6 +572,49 @@ def _read_npy(path):
         return np.load(path).astype(np.float64).squeeze()
     except Exception as e:
         raise ValueError(f"cannot read numpy file {path}: {e}") from None
+
+
+def read_depth_file(kind, path, hw):
+    """A depth file of `kind` -> float64 (H, W) metres, 0 where the file holds no measurement.
+    hw = (H, W) of the RGB image: ETH3D's raw files do not store their size (6048 x 4032 in the real
+    set). DIODE's validity is in a separate mask file (see DepthFileDataset)."""
+    enc = DEPTH_KINDS[kind]["encoding"]
+    if enc == "png_mm":
+        return read_png16(path) / 1000.0
+    if enc == "png_cm":
+        return read_png16(path) / 100.0  # sky = 65535 -> 655.35 m, outside the valid range
+    if enc == "png_256":
+        return read_png16(path) / 256.0
+    if enc == "npy":
+        return _read_npy(path)
+    # eth3d: raw little-endian float32, row-major, no header; inf = no measurement
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file: {path}")
+    raw = np.fromfile(path, dtype="<f4")
+    if raw.size != hw[0] * hw[1]:
+        raise ValueError(f"{path}: {raw.size} float32 values, but its RGB image is {hw[1]}x{hw[0]} "
+                         f"({hw[0] * hw[1]} pixels)")
+    d = raw.reshape(hw).astype(np.float64)
+    return np.where(np.isfinite(d), d, 0.0)
+
+
+def write_depth_file(kind, path, depth, valid):
+    """Inverse of read_depth_file, atomically. PNG encodings round to the nearest step (Marigold's
+    Hypersim preprocessing truncates; rounding halves the error); depths that do not fit in uint16
+    are written as invalid: Hypersim mm >= 65.535 m -> 0, Virtual KITTI cm: invalid -> 65535 (sky)."""
+    depth, valid = np.asarray(depth, np.float64), np.asarray(valid, bool)
+    enc = DEPTH_KINDS[kind]["encoding"]
+    if enc in ("png_mm", "png_cm", "png_256"):
+        per_metre = {"png_mm": 1000, "png_cm": 100, "png_256": 256}[enc]
+        q = np.round(depth * per_metre)
+        ok = valid & (q > 0) & (q < 65535)
+        save_image(path, np.where(ok, q, 65535 if enc == "png_cm" else 0).astype(np.uint16))
+    elif enc == "npy":  # DIODE: (H, W, 1) float32 metres
+        d = np.where(valid, depth, 0).astype(np.float32)[..., None]
+        _atomic(path, lambda f: np.save(f, d))
+    else:
+        raw = np.where(valid, depth, np.inf).astype("<f4")
+        _atomic(path, lambda f: f.write(raw.tobytes()))
 
 
 def kitti_benchmark_crop(x):
@@ -568,16 +631,19 @@ def kitti_benchmark_crop(x):
 def eval_crop_mask(name, height, width):
     """The evaluation region (H, W) bool of a data set: NYU's Eigen crop (rows 45:471, columns 41:601
     at 480 x 640, scaled proportionally at other sizes) or the Eigen mask on KITTI's benchmark crop
-    (row fractions 0.3324324-0.91351351, column fractions 0.0359477-0.96405229). None -> all True."""
+    (row fractions 0.3324324-0.91351351, column fractions 0.0359477-0.96405229; Garg's as an option).
+    None -> all True."""
     m = np.zeros((height, width), bool)
     if name is None:
         m[:] = True
     elif name == "nyu_eigen":
-        m[round(45 / 480 * height):round(471 / 480 * height), round(41 / 640 * width):round(601 / 640 * width)] = True
+        m[round(45 / 480 * height):round(471 / 480 * height),
+          round(41 / 640 * width):round(601 / 640 * width)] = True
     elif name == "kitti_eigen":
         m[int(0.3324324 * height):int(0.91351351 * height), int(0.0359477 * width):int(0.96405229 * width)] = True
     elif name == "kitti_garg":
-        m[int(0.40810811 * height):int(0.99189189 * height), int(0.03594771 * width):int(0.96405229 * width)] = True
+        m[int(0.40810811 * height):int(0.99189189 * height),
+          int(0.03594771 * width):int(0.96405229 * width)] = True
     else:
         raise ValueError(f"unknown evaluation crop {name!r}: use nyu_eigen, kitti_eigen, kitti_garg or None")
     return m
@@ -596,8 +662,8 @@ def read_split_file(split_file, columns):
             if not parts:
                 continue
             if len(parts) < columns:
-                raise ValueError(f"{split_file} line {n}: expected {columns} paths (rgb depth{' mask' if columns == 3 else ''}), "
-                                 f"got {line.strip()!r}")
+                want = "rgb depth" + (" mask" if columns == 3 else "")
+                raise ValueError(f"{split_file} line {n}: expected {columns} paths ({want}), got {line.strip()!r}")
             rows.append(parts)
     if not rows:
         raise ValueError(f"split file {split_file} lists no samples")
@@ -605,18 +671,18 @@ def read_split_file(split_file, columns):
 
 
 class DepthFileDataset(torch.utils.data.Dataset):
-    """One data set on disk in its Marigold layout: kind is a key of DEPTH_KINDS (not 'rendered').
-    root is the extracted archive folder, split_file lists 'rgb_path depth_path [...]' relative to root.
+    """One data set on disk in its Marigold layout: kind is a key of LAYOUTS. root is the extracted
+    archive folder, split_file lists 'rgb_path depth_path [...]' relative to root.
 
     kb_crop: KITTI benchmark crop (default: on for kitti and vkitti, as Marigold).
-    eval_mask: AND the valid mask with the data set's evaluation crop (default: on for nyu and kitti,
-               off for the training sets hypersim and vkitti).
+    eval_mask: AND the valid mask with the data set's evaluation crop, DEPTH_KINDS[kind]["eval_crop"]
+               (default: on for nyu and kitti; off for vkitti, whose Eigen crop Marigold applies only
+               when validating).
     size: (H, W) to resize to (RGB bilinear with antialiasing; depth and mask nearest, so no depth is
           invented across edges). None keeps the file's size (do that for evaluation)."""
 
     def __init__(self, kind, root, split_file, size=None, kb_crop=None, eval_mask=None):
-        if kind not in DEPTH_KINDS or kind == "rendered":
-            raise ValueError(f"unknown data set kind {kind!r}: use one of {sorted(k for k in DEPTH_KINDS if k != 'rendered')}")
+        _check_kind(kind)
         if os.path.isfile(root):
             raise ValueError(f"{root} is a file: extract the archive first (tar -xf {root}) and pass the folder")
         if not os.path.isdir(root):
@@ -624,56 +690,36 @@ class DepthFileDataset(torch.utils.data.Dataset):
         self.kind, self.root, self.size = kind, root, size
         self.spec = DEPTH_KINDS[kind]
         self.kb_crop = self.spec["kb_crop"] if kb_crop is None else kb_crop
-        self.eval_mask = self.spec["eval_mask"] if (eval_mask is None or eval_mask is True) else eval_mask
-        if eval_mask is None and kind in ("hypersim", "vkitti"):
-            self.eval_mask = None
-        if eval_mask is True and kind == "vkitti":
-            self.eval_mask = "kitti_eigen"  # Marigold's vkitti validation
-        if eval_mask is False:
-            self.eval_mask = None
+        use = self.spec["eval_default"] if eval_mask is None else eval_mask
+        self.eval_crop = self.spec["eval_crop"] if use else None
+        self.min_depth, self.max_depth = self.spec["min_depth"], self.spec["max_depth"]
         rows = read_split_file(split_file, 3 if kind == "diode" else 2)
-        # KITTI's list has frames without ground truth ("None"): Marigold drops them
-        self.rows = [r for r in rows if r[1] != "None"]
+        self.rows = [r for r in rows if r[1] != "None"]  # KITTI frames without depth, dropped as Marigold
         if not self.rows:
             raise ValueError(f"split file {split_file} lists no samples with depth")
-        self.min_depth, self.max_depth = self.spec["min_depth"], self.spec["max_depth"]
 
     def __len__(self):
         return len(self.rows)
 
-    def read_depth(self, i, hw):
-        """Depth (H, W) float64 metres with 0 where the file says 'no measurement', and the valid mask."""
-        row = self.rows[i]
-        path = os.path.join(self.root, row[1])
-        enc = self.spec["encoding"]
-        if enc == "png_mm":
-            d = read_png16(path) / 1000.0
-        elif enc == "png_cm":
-            d = read_png16(path) / 100.0  # sky = 65535 -> 655.35 m, outside the valid range
-        elif enc == "png_256":
-            d = read_png16(path) / 256.0
-        elif enc == "eth3d_raw":
-            d = _read_eth3d_depth(path, hw)
-        else:  # diode: the mask file is the valid mask (Marigold uses it alone)
-            d = _read_npy(path)
-            mask = _read_npy(os.path.join(self.root, row[2])) > 0
-            if mask.shape != d.shape:
-                raise ValueError(f"{row[2]}: mask shape {mask.shape} differs from depth {d.shape}")
-            return d, mask & (d > 0)
-        return d, (d > self.min_depth) & (d < self.max_depth)
-
     def __getitem__(self, i):
         row = self.rows[i]
         rgb = read_rgb(os.path.join(self.root, row[0]))  # (H, W, 3)
-        depth, valid = self.read_depth(i, rgb.shape[:2])
+        depth = read_depth_file(self.kind, os.path.join(self.root, row[1]), rgb.shape[:2])
         if depth.shape != rgb.shape[:2]:
             raise ValueError(f"{row[1]}: depth is {depth.shape[1]}x{depth.shape[0]} but {row[0]} is "
                              f"{rgb.shape[1]}x{rgb.shape[0]}")
+        if self.kind == "diode":  # the mask file alone says what is valid (as Marigold)
+            mask = _read_npy(os.path.join(self.root, row[2])) > 0
+            if mask.shape != depth.shape:
+                raise ValueError(f"{row[2]}: mask shape {mask.shape} differs from depth {depth.shape}")
+            valid = mask & (depth > 0)
+        else:
+            valid = (depth > self.min_depth) & (depth < self.max_depth)
         if self.kb_crop:
             rgb = kitti_benchmark_crop(rgb.transpose(2, 0, 1)).transpose(1, 2, 0)
             depth, valid = kitti_benchmark_crop(depth), kitti_benchmark_crop(valid)
-        if self.eval_mask is not None:
-            valid = valid & eval_crop_mask(self.eval_mask, *valid.shape)
+        if self.eval_crop is not None:
+            valid = valid & eval_crop_mask(self.eval_crop, *valid.shape)
         item = _to_item(rgb, depth, valid, row[0])
         return resize_item(item, self.size) if self.size is not None else item
 
@@ -707,99 +753,34 @@ class MixedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, i])
-        k = rng.choice(len(self.datasets), p=self.probs)
-        ds = self.datasets[k]
+        ds = self.datasets[rng.choice(len(self.datasets), p=self.probs)]
         return ds[int(rng.integers(len(ds)))]
 
 
-# --- writers: rendered samples -> the on-disk layouts the loaders above read ---
-# Each takes samples = list of dicts with rgb (H, W, 3) [0, 1], depth (H, W) metres, valid (H, W)
-# (what render_scene returns; focal is used for KITTI's third column) and returns the split file path.
-
-def _rgb8(s):
-    return np.round(np.clip(s["rgb"], 0, 1) * 255).astype(np.uint8)
-
-
-def _uint16(depth, valid, per_metre, invalid_value):
-    """Quantise metres to uint16 by rounding (Marigold's preprocessing truncates; rounding halves the
-    error). Values that do not fit are written as invalid."""
-    q = np.round(np.asarray(depth, np.float64) * per_metre)
-    ok = np.asarray(valid) & (q > 0) & (q < 65535)
-    return np.where(ok, q, invalid_value).astype(np.uint16)
-
-
-def _write_split(path, lines):
-    _atomic(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    return path
-
-
 def write_depth_set(kind, root, samples, split_name="test"):
-    """Write rendered samples in `kind`'s layout under root; returns the split file's path.
-    Paths follow the real archives' naming (checked against Marigold's split lists):
-      hypersim  ai_000_000/rgb_cam_00_fr0000.png, ai_000_000/depth_plane_cam_00_fr0000.png (mm; >= 65.535 m
-                and invalid -> 0)
-      vkitti    rgb/Scene01/clone/frames/rgb/Camera_0/rgb_00000.jpg,
-                depth/Scene01/clone/frames/depth/Camera_0/depth_00000.png (cm; invalid -> 65535 = sky)
-      nyu       test/scene_0000/rgb_0000.png, depth_0000.png, filled_0000.png (mm)
-      kitti     2011_09_26/2011_09_26_drive_0000_sync/image_02/data/0000000000.png,
-                2011_09_26_drive_0000_sync/proj_depth/groundtruth/image_02/0000000000.png (x256), focal
-      eth3d     rgb/scene/images/dslr_images/DSC_0000.JPG,
-                depth/scene_dslr_depth/scene/ground_truth_depth/dslr_images/DSC_0000.JPG (raw float32)
-      scannet   scene0000_00/color/000000.jpg, scene0000_00/depth/000000.png (mm)
-      diode     indoors/scene_00000/scan_00000/00000_00000_indoors_000_000.png, ..._depth.npy, ..._depth_mask.npy"""
-    if kind not in DEPTH_KINDS or kind == "rendered":
-        raise ValueError(f"unknown data set kind {kind!r}")
+    """Write samples in `kind`'s layout (LAYOUTS) under root, so the real loaders can be exercised on
+    rendered data; returns the split file's path. samples: dicts with rgb (H, W, 3) in [0, 1], depth
+    (H, W) metres, valid (H, W), and for KITTI's third column focal (pixels): render_scene's output.
+    NYU's filled depth is the depth with holes set to the farthest valid depth."""
+    _check_kind(kind)
     if not samples:
         raise ValueError(f"write_depth_set({kind!r}): no samples to write")
     lines = []
     for i, s in enumerate(samples):
+        paths = [p.format(i=i, g=i // 100, s=split_name) for p in LAYOUTS[kind]]
+        full = [os.path.join(root, p) for p in paths]
         valid = np.asarray(s["valid"], bool)
-        if kind == "hypersim":
-            rgb, dep = f"ai_000_{i // 100:03d}/rgb_cam_00_fr{i % 100:04d}.png", f"ai_000_{i // 100:03d}/depth_plane_cam_00_fr{i % 100:04d}.png"
-            save_image(os.path.join(root, rgb), _rgb8(s))
-            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 1000, 0))
-            lines.append(f"{rgb} {dep}")
-        elif kind == "vkitti":
-            sc = f"Scene{i // 1000 + 1:02d}/clone/frames"
-            rgb, dep = f"rgb/{sc}/rgb/Camera_0/rgb_{i % 1000:05d}.jpg", f"depth/{sc}/depth/Camera_0/depth_{i % 1000:05d}.png"
-            save_image(os.path.join(root, rgb), _rgb8(s))
-            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 100, 65535))
-            lines.append(f"{rgb} {dep}")
-        elif kind == "nyu":
-            base = f"{split_name}/scene_{i // 100:04d}"
-            rgb, dep, fil = f"{base}/rgb_{i:04d}.png", f"{base}/depth_{i:04d}.png", f"{base}/filled_{i:04d}.png"
-            save_image(os.path.join(root, rgb), _rgb8(s))
-            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 1000, 0))
-            far = np.max(np.where(valid, s["depth"], 0))  # "filled": holes set to the farthest depth
-            save_image(os.path.join(root, fil), _uint16(np.where(valid, s["depth"], far), np.ones_like(valid), 1000, 0))
-            lines.append(f"{rgb} {dep} {fil}")
-        elif kind == "kitti":
-            drive = f"2011_09_26_drive_{i // 1000:04d}_sync"
-            rgb, dep = f"2011_09_26/{drive}/image_02/data/{i:010d}.png", f"{drive}/proj_depth/groundtruth/image_02/{i:010d}.png"
-            save_image(os.path.join(root, rgb), _rgb8(s))
-            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 256, 0))
-            lines.append(f"{rgb} {dep} {s.get('focal', 721.5377):.4f}")
-        elif kind == "eth3d":
-            rgb, dep = f"rgb/scene/images/dslr_images/DSC_{i:04d}.JPG", f"depth/scene_dslr_depth/scene/ground_truth_depth/dslr_images/DSC_{i:04d}.JPG"
-            save_image(os.path.join(root, rgb), _rgb8(s))
-            raw = np.where(valid, s["depth"], np.inf).astype("<f4")
-            _atomic(os.path.join(root, dep), lambda f, raw=raw: f.write(raw.tobytes()))
-            lines.append(f"{rgb} {dep}")
-        elif kind == "scannet":
-            rgb, dep = f"scene{i // 100:04d}_00/color/{i * 100:06d}.jpg", f"scene{i // 100:04d}_00/depth/{i * 100:06d}.png"
-            save_image(os.path.join(root, rgb), _rgb8(s))
-            save_image(os.path.join(root, dep), _uint16(s["depth"], valid, 1000, 0))
-            lines.append(f"{rgb} {dep}")
-        else:  # diode
-            stem = f"indoors/scene_{i // 100:05d}/scan_{i:05d}/{i // 100:05d}_{i:05d}_indoors_000_000"
-            rgb, dep, msk = f"{stem}.png", f"{stem}_depth.npy", f"{stem}_depth_mask.npy"
-            save_image(os.path.join(root, rgb), _rgb8(s))
-            d = np.where(valid, s["depth"], 0).astype(np.float32)[..., None]  # (H, W, 1) like DIODE's
-            _atomic(os.path.join(root, dep), lambda f, d=d: np.save(f, d))
-            _atomic(os.path.join(root, msk), lambda f, m=valid.astype(np.float32): np.save(f, m))
-            lines.append(f"{rgb} {dep} {msk}")
-    name = {"hypersim": f"filename_list_{split_name}.txt", "vkitti": f"vkitti_{split_name}.txt"}.get(kind, f"{kind}_{split_name}.txt")
-    return _write_split(os.path.join(root, name), lines)
+        save_image(full[0], np.round(np.clip(s["rgb"], 0, 1) * 255).astype(np.uint8))
+        write_depth_file(kind, full[1], s["depth"], valid)
+        if kind == "nyu":
+            filled = np.where(valid, s["depth"], np.max(np.where(valid, s["depth"], 0)))
+            write_depth_file(kind, full[2], filled, np.ones_like(valid))
+        if kind == "diode":
+            _atomic(full[2], lambda f: np.save(f, valid.astype(np.float32)))
+        lines.append(" ".join(paths) + (f" {s.get('focal', 721.5377):.4f}" if kind == "kitti" else ""))
+    path = os.path.join(root, f"filename_list_{split_name}.txt")
+    _atomic(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -850,9 +831,9 @@ def denormalize_depth(x, lo, hi, mode="log"):
     if mode not in NORM_QUANTILES:
         raise ValueError(f"unknown depth normalisation {mode!r}: use 'log' or 'affine'")
     f = _norm_fn(mode)
-    lo, hi = torch.as_tensor(lo, dtype=x.dtype), torch.as_tensor(hi, dtype=x.dtype)
-    shape = (-1,) + (1,) * (x.dim() - 1) if lo.dim() == 1 and x.dim() == 4 else ()
-    lo_f, hi_f = f(lo).reshape(shape) if shape else f(lo), f(hi).reshape(shape) if shape else f(hi)
+    lo_f, hi_f = f(torch.as_tensor(lo, dtype=x.dtype)), f(torch.as_tensor(hi, dtype=x.dtype))
+    if lo_f.dim() == 1:  # one (lo, hi) per image of a batch
+        lo_f, hi_f = lo_f.view(-1, *[1] * (x.dim() - 1)), hi_f.view(-1, *[1] * (x.dim() - 1))
     y = (x + 1) / 2 * (hi_f - lo_f).clamp(min=1e-6) + lo_f
     return y.exp() if mode == "log" else y
 
@@ -935,12 +916,30 @@ def evaluate_depth(pred, gt, valid, kind="rendered", space="log"):
     return dict(depth_metrics(aligned, gt, valid), scale=a, shift=b)
 
 
+def _robust_fit(x, ref, m):
+    """x aligned to ref: start from matching medians and median absolute deviations (affine-exact,
+    and not thrown by a member's hallucinated object as plain least squares is), then least squares
+    twice on the pixels whose residual is within 3x the median residual."""
+    xm, rm = x[m], ref[m]
+    sx, sr = (xm - xm.median()).abs().median(), (rm - rm.median()).abs().median()
+    a = sr / sx if sx > 0 else torch.ones((), dtype=x.dtype)
+    b = rm.median() - a * xm.median()
+    for _ in range(2):
+        r = (a * x + b - ref).abs()
+        keep = m & (r <= 3 * r[m].median() + 1e-12)
+        if keep.sum() < 2:
+            break
+        a, b = fit_scale_shift(x, ref, keep)
+    return a * x + b
+
+
 def ensemble_align(preds, valid=None, reduction="median", iters=10, tol=1e-7):
     """Merge K predictions of one image that agree only up to scale and shift (in the space the model
     predicts, e.g. normalised log depth). Alternates: fit each member to the current merged map by
-    least squares, re-merge by the per-pixel median (or mean), and fix the free affine gauge so the
-    merged map keeps the members' average mean and spread. If the members are exact affine copies,
-    one step suffices: every member's span {x_k, 1} is the same, so all project onto one map.
+    least squares (robustly, see _robust_fit), re-merge by the per-pixel median (or mean), and fix
+    the free affine gauge so the merged map keeps the members' average mean and spread. If the
+    members are exact affine copies, one step suffices: each member's span {x_k, 1} is the same, so
+    all project onto one map.
     preds: (K, H, W) or (K, 1, H, W); valid: optional (H, W) mask of pixels to fit on.
     Returns (merged (H, W) or (1, H, W) as given, spread = median |aligned_k - merged| per pixel)."""
     if reduction not in ("median", "mean"):
@@ -956,8 +955,7 @@ def ensemble_align(preds, valid=None, reduction="median", iters=10, tol=1e-7):
     ref = merge(x)
     aligned = x
     for _ in range(iters):
-        ab = [fit_scale_shift(x[k], ref, m) for k in range(len(x))]
-        aligned = torch.stack([a * x[k] + b for k, (a, b) in enumerate(ab)])
+        aligned = torch.stack([_robust_fit(x[k], ref, m) for k in range(len(x))])
         new = merge(aligned)
         s = new[m].std()
         g_a = sd / s if s > 0 else 1.0
