@@ -1,0 +1,297 @@
+"""
+Sample from a finetuned run: depth prediction with an aligned ensemble, and its evaluation.
+
+    python sample.py --steps 2                                # newest run in runs/, held-out rendered scenes
+    python sample.py --input photo.jpg --steps 4 --ensemble 4 --out depth_out
+    python sample.py --eval nyu --data-root nyuv2/ --split nyu_test.txt   # Marigold protocol, Table 2 columns
+
+Per input image it writes, as Marigold does: `<name>_pred.npy` (float32 in [0, 1], 0 = near; LOG depth
+for a log-normalised model, linear for an affine one: the files say which), `<name>_pred.png`
+(16-bit, value·65535), `<name>_pred_colored.png` (Spectral colour map, near = warm red, far = blue) and
+`<name>_uncertainty.png` (the ensemble's per-pixel spread), each resized back to the input's size.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+import data
+from checkpoint import load_sd_checkpoint
+from diff2flow import Diff2Flow, conditioned
+from lora import load_lora, read_metadata
+from unet import widen_input_conv
+
+RUNS = "runs"
+LORA_FILE = "lora.safetensors"
+EVAL_SETS = ("nyu", "kitti", "eth3d", "scannet", "diode")
+DEFAULT_SPLITS = {"nyu": "nyu_test.txt", "kitti": "kitti_test.txt", "eth3d": "eth3d_test.txt",
+                  "scannet": "scannet_test.txt", "diode": "diode_test.txt"}
+# ColorBrewer "Spectral" (11 classes), red → blue: near depth warm, far depth cool, as Marigold shows it.
+SPECTRAL = np.array([[158, 1, 66], [213, 62, 79], [244, 109, 67], [253, 174, 97], [254, 224, 139], [255, 255, 191],
+                     [230, 245, 152], [171, 221, 164], [102, 194, 165], [50, 136, 189], [94, 79, 162]], np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prediction
+
+@torch.no_grad()
+def predict_depth(unet, vae, d2f, context, rgb, objective="diff2flow", steps=4, ensemble=1, seed=0):
+    """rgb (B, 3, H, W) in [-1, 1] → normalised depth (B, 1, H, W) in [-1, 1] and its spread (B, 1, H, W).
+
+    Each of the `ensemble` members starts from its own noise; members agree only up to scale and shift
+    (the model predicts relative depth), so they are aligned to each other and merged by the median.
+    """
+    B = rgb.shape[0]
+    img = vae.encode(rgb)                                      # (B, c, h, w)
+    img = img.repeat(ensemble, 1, 1, 1)                        # members of image b at b, b + B, ...
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(img.shape, generator=g).to(img.device, img.dtype)
+    model = conditioned(unet, context.expand(img.shape[0], -1, -1), concat=img)
+    latent = d2f.sample(model, noise, steps, objective)
+    depth = vae.decode(latent).mean(1, keepdim=True).clamp(-1, 1)   # 3 channels back to one
+    depth = depth.reshape(ensemble, B, 1, *depth.shape[-2:]).float().cpu()
+    if ensemble == 1:
+        return depth[0], torch.zeros_like(depth[0])
+    merged = [data.ensemble_align(depth[:, b]) for b in range(B)]
+    return torch.stack([m for m, _ in merged]).clamp(-1, 1), torch.stack([s for _, s in merged])
+
+
+def processing_size(h, w, long_edge, multiple):
+    """Resize (h, w) so its long edge is `long_edge`, both sides a multiple of `multiple` (the UNet's
+    total downsampling in pixels): any aspect ratio works."""
+    scale = long_edge / max(h, w)
+    return max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple)
+
+
+def pixel_multiple(unet, vae):
+    return 2 ** (len(vae.cfg.ch_mult) - 1) * 2 ** (len(unet.cfg.channel_mult) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation on held-out scenes or a data set (Marigold protocol, alignment space by normalisation)
+
+def alignment_space(norm, override=None):
+    """A log-normalised model predicts log depth up to scale and shift: align in log space; an
+    affine-normalised one in depth space (Marigold). `override` forces one, for comparisons."""
+    return override or ("log" if norm == "log" else "depth")
+
+
+def evaluate(predict, dataset, kind="rendered", space="log", batch=8, n=None, desc="eval"):
+    """Mean AbsRel/δ1 over a data set, per image: align, clip to the set's range, score valid pixels.
+    predict(rgb (B, 3, H, W)) → normalised prediction (B, 1, H, W) at the input's size."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    if n == 0:
+        raise ValueError("evaluation data set is empty")
+    scores = []
+    for i in tqdm(range(0, n, batch), desc=desc, leave=False):
+        items = [dataset[j] for j in range(i, min(i + batch, n))]
+        pred = predict(torch.stack([it["rgb"] for it in items]))
+        for it, p in zip(items, pred):
+            scores.append(data.evaluate_depth(p[0], it["depth"][0], it["valid"][0], kind, space))
+    return {k: float(np.mean([s[k] for s in scores])) for k in ("abs_rel", "delta1")}
+
+
+def evaluate_heldout(unet, vae, d2f, context, dataset, objective, steps, norm="log", preview=None, ensemble=1):
+    """Held-out AbsRel/δ1 of the model (train.py's validation), and a preview PNG: input | truth | prediction."""
+    device = next(unet.parameters()).device
+
+    def predict(rgb):
+        return predict_depth(unet, vae, d2f, context, rgb.to(device), objective, steps, ensemble)[0]
+
+    scores = evaluate(predict, dataset, space=alignment_space(norm), desc="validate")
+    if preview:
+        items = [dataset[i] for i in range(min(4, len(dataset)))]
+        pred = predict(torch.stack([it["rgb"] for it in items]))
+        rows = []
+        for it, p in zip(items, pred):
+            truth = data.normalize_depth(it["depth"], it["valid"], norm)[0]
+            rows.append(np.concatenate([rgb_to_uint8(it["rgb"]), colorize(truth[0], it["valid"][0]),
+                                        colorize(p[0])], axis=1))
+        save_png(preview, np.concatenate(rows, axis=0))
+    return scores
+
+
+def evaluate_trivial(train_set, heldout, norm="log", n=500):
+    """The baseline every depth number must beat: predict the mean normalised training depth map."""
+    mean_map = data.mean_normalized_depth(train_set, n, norm)          # (1, H, W)
+    return evaluate(lambda rgb: mean_map.expand(rgb.shape[0], -1, -1, -1), heldout,
+                    space=alignment_space(norm), desc="trivial")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images
+
+def colorize(x, valid=None):
+    """Normalised depth in [-1, 1] (near = -1) → (H, W, 3) uint8 Spectral: near red, far blue; invalid black."""
+    v = ((np.asarray(x, np.float64) + 1) / 2).clip(0, 1) * (len(SPECTRAL) - 1)
+    i = np.minimum(v.astype(int), len(SPECTRAL) - 2)
+    w = (v - i)[..., None]
+    rgb = SPECTRAL[i] * (1 - w) + SPECTRAL[i + 1] * w
+    if valid is not None:
+        rgb[~np.asarray(valid, bool)] = 0
+    return rgb.round().astype(np.uint8)
+
+
+def rgb_to_uint8(rgb):
+    """(3, H, W) in [-1, 1] → (H, W, 3) uint8."""
+    return ((rgb.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def save_png(path, array):
+    """uint8 (H, W[, 3]) or uint16 (H, W) → PNG (uint16 becomes mode I;16), written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def write_depth_outputs(out_dir, name, pred01, spread, norm):
+    """Marigold's outputs for one image: .npy in [0, 1], 16-bit PNG, coloured PNG, uncertainty PNG."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, name)
+    tmp = f"{stem}_pred.npy.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, pred01.astype(np.float32))
+    os.replace(tmp, f"{stem}_pred.npy")
+    save_png(f"{stem}_pred.png", (pred01 * 65535).round().astype(np.uint16))
+    save_png(f"{stem}_pred_colored.png", colorize(pred01 * 2 - 1))
+    unc = spread / max(spread.max(), 1e-8)
+    save_png(f"{stem}_uncertainty.png", (unc * 255).round().astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a run
+
+def newest_run(root=RUNS):
+    """The most recently written LoRA under runs/ (train.py's default output folder)."""
+    found = glob.glob(os.path.join(root, LORA_FILE)) + glob.glob(os.path.join(root, "**", LORA_FILE), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"no trained run under {root}/ (looked for {LORA_FILE}): run "
+                                f"`python train.py --task depth` first, or pass --run")
+    return max(set(found), key=os.path.getmtime)
+
+
+def load_run(run, ckpt=None, device="cpu"):
+    """Base checkpoint + the run's LoRA (and companion file) → (unet, vae, d2f, context, metadata)."""
+    from train import find_checkpoint
+    path = run if run.endswith(".safetensors") else os.path.join(run, LORA_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no LoRA file at {path}: pass a run folder written by train.py or its lora.safetensors")
+    meta = read_metadata(path)
+    if "diff2flow.objective" not in meta:
+        raise ValueError(f"{path} has no diff2flow metadata (objective, prediction type): was it written by train.py?")
+    base = ckpt or find_checkpoint(None)[0]
+    if ckpt is None and os.path.basename(base) != meta.get("diff2flow.base_checkpoint", os.path.basename(base)):
+        print(f"note: {path} was trained on {meta['diff2flow.base_checkpoint']}, loading it onto {base}")
+    sd = load_sd_checkpoint(base, prediction=meta["diff2flow.prediction_type"])
+    unet, vae = sd.unet, sd.vae
+    widen_input_conv(unet, int(meta.get("diff2flow.unet_in_channels", 2 * unet.cfg.in_channels)))
+    load_lora(path, unet)
+    d2f = Diff2Flow(meta["diff2flow.prediction_type"], meta["diff2flow.zero_snr"] == "True")
+    unet.eval().requires_grad_(False).to(device)
+    vae.eval().requires_grad_(False).to(device)
+    return unet, vae, d2f, sd.empty_context().to(device), meta
+
+
+def list_inputs(path):
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(exts))
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(exts)}) in {path}")
+        return files
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input not found: {path}")
+    return [path]
+
+
+def read_image(path):
+    """(3, H, W) in [-1, 1]; a clear error for a file PIL cannot read."""
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1
+    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError for truncation)
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="depth", choices=["depth"])
+    p.add_argument("--run", default=None, help="run folder or LoRA file (default: newest under runs/)")
+    p.add_argument("--ckpt", default=None, help="base checkpoint (default: as train.py finds it)")
+    p.add_argument("--input", default=None, help="image or folder (default: held-out rendered scenes)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
+    p.add_argument("--steps", default=4, type=int, help="Euler steps (DDIM steps for a diffusion-objective run)")
+    p.add_argument("--ensemble", default=4, type=int, help="ensemble members per image")
+    p.add_argument("--processing-res", default=None, type=int, help="long edge to process at (default: the training resolution's)")
+    p.add_argument("--num", default=8, type=int, help="held-out scenes when no --input is given")
+    p.add_argument("--eval", default=None, choices=EVAL_SETS, help="evaluate on a data set (Marigold protocol)")
+    p.add_argument("--data-root", default=None, help="extracted evaluation archive")
+    p.add_argument("--split", default=None, help="split file (default: <data-root>/<set>_test.txt)")
+    p.add_argument("--align", default=None, choices=["log", "depth"], help="force the alignment space (default: by the run's normalisation)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.ensemble < 1:
+        p.error("--steps and --ensemble must be at least 1")
+
+    run = args.run or newest_run()
+    unet, vae, d2f, context, meta = load_run(run, args.ckpt, args.device)
+    objective, norm = meta["diff2flow.objective"], meta.get("diff2flow.norm", "log")
+    space = alignment_space(norm, args.align)
+    out = args.out or os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "samples")
+    print(f"run {run}: {objective} objective, {meta['diff2flow.prediction_type']}-prediction, {norm} depth; "
+          f"{args.steps} {'DDIM' if objective == 'diffusion' else 'Euler'} steps, ensemble {args.ensemble}; "
+          f"alignment in {space} space")
+    multiple = pixel_multiple(unet, vae)
+    long_edge = args.processing_res or int(meta.get("diff2flow.res_long_edge", 128 if "tiny" in meta.get("diff2flow.family", "") else 768))
+
+    def predict(rgb):   # (B, 3, H, W) at any size → (B, 1, H, W) at that size
+        size = processing_size(*rgb.shape[-2:], long_edge, multiple)
+        x = F.interpolate(rgb, size=size, mode="bilinear", antialias=True, align_corners=False) if size != tuple(rgb.shape[-2:]) else rgb
+        pred, spread = predict_depth(unet, vae, d2f, context, x.to(args.device), objective, args.steps, args.ensemble, args.seed)
+        back = lambda t: F.interpolate(t, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        return back(pred), back(spread)
+
+    if args.eval:
+        if not args.data_root:
+            p.error("--eval needs --data-root (the extracted archive)")
+        split = args.split or os.path.join(args.data_root, DEFAULT_SPLITS[args.eval])
+        dataset = data.DepthFileDataset(args.eval, args.data_root, split)
+        scores = evaluate(lambda rgb: predict(rgb)[0], dataset, args.eval, space, batch=1, desc=args.eval)
+        print(f"{args.eval} ({len(dataset)} images): AbsRel {scores['abs_rel'] * 100:.1f}  δ1 {scores['delta1'] * 100:.1f}")
+        return scores
+
+    if args.input:
+        items = [(os.path.splitext(os.path.basename(f))[0], read_image(f), None) for f in list_inputs(args.input)]
+    else:
+        h, w = (96, 128) if "tiny" in meta.get("diff2flow.family", "") else (384, 512)
+        heldout = data.RenderedDepthDataset.split("heldout", args.num, h, w)
+        items = [(heldout[i]["name"], heldout[i]["rgb"], heldout[i]) for i in range(len(heldout))]
+    scores = []
+    for name, rgb, truth in tqdm(items, desc="depth"):
+        pred, spread = predict(rgb[None])
+        pred01 = ((pred[0, 0].numpy() + 1) / 2).clip(0, 1)
+        write_depth_outputs(out, name, pred01, spread[0, 0].numpy(), norm)
+        if truth is not None:
+            save_png(os.path.join(out, f"{name}_input.png"), rgb_to_uint8(rgb))
+            scores.append(data.evaluate_depth(pred[0, 0], truth["depth"][0], truth["valid"][0], "rendered", space))
+    print(f"wrote {len(items)} predictions to {out}/ (*_pred.npy in [0, 1] = {'log' if norm == 'log' else 'linear'} "
+          f"depth, near = 0; *_pred.png 16-bit; *_pred_colored.png near = red; *_uncertainty.png)")
+    if scores:
+        print(f"held-out scenes: AbsRel {np.mean([s['abs_rel'] for s in scores]):.4f}  δ1 {np.mean([s['delta1'] for s in scores]):.4f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
