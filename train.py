@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", default=200, type=int, help="steps between checkpoints")
     p.add_argument("--out", default=os.path.join("runs", "depth"), help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-at", default=None, type=int, help="stop (and save) after this step; the schedule still "
+                   "spans --steps, so --resume later continues exactly (time-limited jobs)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -352,7 +354,8 @@ def main(argv=None):
 
     unet.train()
     t0, losses = time.time(), []
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc="train")
+    end = min(args.steps, args.stop_at or args.steps)
+    bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not master, desc="train")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
@@ -383,7 +386,7 @@ def main(argv=None):
             scores = validate(done)
             bar.write(f"step {done}: held-out AbsRel {scores['abs_rel']:.4f} δ1 {scores['delta1']:.4f}")
             write_log(dict(step=done, kind="val", **scores))
-        if master and (done % args.save_every == 0 or done == args.steps):
+        if master and (done % args.save_every == 0 or done == end):
             save_run(args.out, unet, opt, ema, done, args, info)
 
     if world > 1:
