@@ -29,6 +29,9 @@ import torch
 from schedule import T, Schedule, data_and_noise, ddim_sample, expand, prediction_target, time_dtype
 
 OBJECTIVES = ("diffusion", "fm", "diff2flow")
+# Diff2Flow differs from the `diffusion` objective in four things: the zero-SNR end of the schedule (a
+# constructor switch) and these three, which the `diffusion` loss can take one at a time (an ablation).
+DIFFUSION_CHANGES = ("continuous", "density", "weight")
 
 
 class Diff2Flow:
@@ -112,7 +115,13 @@ class Diff2Flow:
         """t ~ U(t_min, 1) in float64 (t_min = 0 for v- and x0-models)."""
         return self.t_min + (1 - self.t_min) * torch.rand(n, dtype=torch.float64, device=device)
 
-    def loss(self, model, x1, objective="diff2flow", noise=None, mask=None, t=None):
+    def loss_weight(self, alpha, sigma):
+        """Per-sample weight w with ‖u_θ - (x1 - x0)‖² = w·‖pred - target‖² (u from data_and_noise):
+        v: ((α+σ)/(α²+σ²))² ∈ [1, 2];  eps: ((α+σ)/α)² = 1/t²;  x0: ((α+σ)/σ)² = 1/(1-t)²."""
+        scale = {"v": alpha ** 2 + sigma ** 2, "eps": alpha, "x0": sigma}[self.prediction]
+        return ((alpha + sigma) / scale) ** 2
+
+    def loss(self, model, x1, objective="diff2flow", noise=None, mask=None, t=None, changes=()):
         """Per-sample training loss (B,) of one of the three objectives.
 
         diffusion: the prior's own loss, v (or ε) MSE at τ ~ U{0..T-1} on this schedule.
@@ -120,12 +129,29 @@ class Diff2Flow:
         diff2flow: FM loss ‖u_θ(x_t, t) - (x1 - x0)‖² with u_θ derived from the prediction (Alg. 1).
         `noise` replaces fresh noise (reflow pairs); `mask` (B, 1, ...) weights pixels (1 = valid);
         `t` (B,) fixes the FM times of fm/diff2flow (drawn when None; for tests and per-t logging).
+        `changes` (diffusion only, a subset of DIFFUSION_CHANGES) adds Diff2Flow's differences one by one:
+            continuous: τ ~ U(-1, τ_top) real-valued instead of U{0..T-1} (τ_top = f_t⁻¹(t_min))
+            density:    τ = f_t⁻¹(t), t ~ U(t_min, 1), Diff2Flow's timestep density (continuous too)
+            weight:     × loss_weight(α, σ), Diff2Flow's per-sample weight
+        With all three and zero_snr as diff2flow uses it, this IS the diff2flow loss.
         """
         x0 = torch.randn_like(x1) if noise is None else noise
         B = x1.shape[0]
+        weight = None
         if objective == "diffusion":
-            tau = torch.randint(0, T, (B,), device=x1.device).to(torch.float64)
+            unknown = set(changes) - set(DIFFUSION_CHANGES)
+            if unknown:
+                raise ValueError(f"unknown diffusion change(s) {sorted(unknown)}: use any of {DIFFUSION_CHANGES}")
+            if "density" in changes:
+                tau = self.f_t_inv(self.sample_t(B, x1.device) if t is None else t.to(torch.float64))
+            elif "continuous" in changes:
+                top = self.f_t_inv(torch.tensor(self.t_min, dtype=torch.float64)).item()
+                tau = -1 + (top + 1) * torch.rand(B, dtype=torch.float64, device=x1.device)
+            else:
+                tau = torch.randint(0, T, (B,), device=x1.device).to(torch.float64)
             alpha, sigma = self.schedule.alpha_sigma(tau)
+            if "weight" in changes:
+                weight = self.loss_weight(alpha, sigma)
             alpha, sigma = expand(alpha, x1), expand(sigma, x1)
             pred = model(alpha * x1 + sigma * x0, tau.to(time_dtype(x1)))
             target = prediction_target(x1, x0, alpha, sigma, self.prediction)
@@ -143,9 +169,11 @@ class Diff2Flow:
         err = (pred.to(dtype) - target.to(dtype)) ** 2
         dims = tuple(range(1, err.dim()))
         if mask is None:
-            return err.mean(dims)
-        mask = mask.to(err.dtype).expand_as(err)
-        return (err * mask).sum(dims) / mask.sum(dims).clamp_min(1)
+            per_sample = err.mean(dims)
+        else:
+            mask = mask.to(err.dtype).expand_as(err)
+            per_sample = (err * mask).sum(dims) / mask.sum(dims).clamp_min(1)
+        return per_sample if weight is None else per_sample * weight.to(per_sample.dtype)
 
     # --- sampling --------------------------------------------------------------------------------------
     def start_state(self, noise):

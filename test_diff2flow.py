@@ -153,6 +153,30 @@ def test_diff2flow_loss_is_a_weighted_diffusion_loss(prediction, zero_snr):
     else:
         weight = 1 / t ** 2
     assert ((loss - weight * mse).abs() / loss).max() < 1e-12
+    # ... so the diffusion loss with Diff2Flow's three changes (density, continuous τ, weight) is the same loss
+    ablated = d2f.loss(net, x1, "diffusion", noise=x0, t=t, changes=("continuous", "density", "weight"))
+    assert ((loss - ablated).abs() / loss).max() < 1e-12
+    assert torch.allclose(d2f.loss_weight(alpha, sigma)[:, 0], weight)
+
+
+def test_diffusion_changes_one_at_a_time():
+    d2f = Diff2Flow("v", zero_snr=True)
+    seen = []
+    net = lambda x, tau: seen.append(tau) or torch.zeros_like(x)
+    x1 = torch.randn(4096, 2, dtype=torch.float64)
+    d2f.loss(net, x1, "diffusion")
+    d2f.loss(net, x1, "diffusion", changes=("continuous",))
+    d2f.loss(net, x1, "diffusion", changes=("density",))
+    integer, continuous, density = seen
+    assert torch.equal(integer, integer.round()) and integer.min() >= 0 and integer.max() <= T - 1
+    assert (continuous != continuous.round()).all() and -1 <= continuous.min() and continuous.max() <= T - 1
+    # uniform t puts more weight on the clean end: 37% of τ below 200 (20% for uniform τ), median τ ≈ 340
+    assert (density < 200).double().mean() > 0.3 > (continuous < 200).double().mean()
+    weighted = d2f.loss(net, x1, "diffusion", changes=("weight",))
+    plain = d2f.loss(net, x1, "diffusion")
+    assert not torch.allclose(weighted, plain)
+    with pytest.raises(ValueError, match="unknown diffusion change"):
+        d2f.loss(net, x1, "diffusion", changes=("schedule",))
 
 
 @pytest.mark.parametrize("objective", ["diffusion", "fm", "diff2flow"])
