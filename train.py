@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import data
 from checkpoint import load_sd_checkpoint
-from diff2flow import OBJECTIVES, Diff2Flow, conditioned
+from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned
 from lora import CONV_IN, CONV_OUT, inject_lora, load_lora, lora_metadata, save_lora
 from unet import widen_input_conv
 
@@ -45,6 +45,8 @@ def parse_args(argv=None):
                    "SD file in ./ or ./checkpoints, else the bundled tiny prior")
     p.add_argument("--prediction", default=None, choices=["eps", "v"], help="override the prior's prediction type")
     p.add_argument("--objective", default="diff2flow", help=f"one of {OBJECTIVES}")
+    p.add_argument("--diffusion-changes", default="", help="ablation: comma list of Diff2Flow's changes "
+                   "(continuous, density, weight) added to the diffusion objective; see diff2flow.DIFFUSION_CHANGES")
     p.add_argument("--zero-snr", default=None, type=int, choices=[0, 1],
                    help="zero-terminal-SNR schedule; default on for diff2flow with v-models, off otherwise")
     p.add_argument("--lora-rank", default="64", help="int, fraction of each layer's width (0.2 = the paper's 20%%), or 0 = full finetuning")
@@ -82,6 +84,12 @@ def parse_args(argv=None):
         p.error(f"unknown task {args.task!r}: use one of {TASKS}")
     if args.objective not in OBJECTIVES:
         p.error(f"unknown objective {args.objective!r}: use one of {OBJECTIVES}")
+    args.diffusion_changes = tuple(c for c in args.diffusion_changes.split(",") if c)
+    if args.diffusion_changes and args.objective != "diffusion":
+        p.error("--diffusion-changes only applies to --objective diffusion")
+    unknown = set(args.diffusion_changes) - set(DIFFUSION_CHANGES)
+    if unknown:
+        p.error(f"unknown diffusion change(s) {sorted(unknown)}: use any of {DIFFUSION_CHANGES}")
     try:
         args.lora_rank = float(args.lora_rank) if "." in args.lora_rank else int(args.lora_rank)
     except ValueError:
@@ -365,7 +373,7 @@ def main(argv=None):
             sync = world > 1 and micro < args.grad_accum - 1
             with (net.no_sync() if sync else nullcontext()), autocast():
                 model = conditioned(net, context.expand(img.shape[0], -1, -1), concat=img)
-                loss = d2f.loss(model, dep, args.objective, mask=mask).mean() / args.grad_accum
+                loss = d2f.loss(model, dep, args.objective, mask=mask, changes=args.diffusion_changes).mean() / args.grad_accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
