@@ -70,6 +70,7 @@ class TextEncoder(nn.Module):
             layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.projection_dim,
             proj_type="linear" if cfg.projection_dim else "none",
             act_layer=QuickGELU if cfg.quick_gelu else nn.GELU, norm_layer=LayerNorm)
+        self.model.attn_mask = None  # forward builds its own causal mask (nothing stale when built on meta)
         if cfg.logit_scale:
             self.model.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 

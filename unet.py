@@ -138,7 +138,7 @@ class CrossAttention(nn.Module):
         q, k, v = (t.view(B, -1, self.heads, inner // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, N|L, hd)
         # attn_fp32: upcast and keep autocast from casting back down (the softmax logits of SD2.1 overflow fp16)
         with torch.autocast(x.device.type, enabled=False) if self.attn_fp32 else nullcontext():
-            dt = torch.float32 if self.attn_fp32 else q.dtype
+            dt = torch.promote_types(q.dtype, torch.float32) if self.attn_fp32 else q.dtype
             out = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt))  # (B, nh, N, hd), scale hd^-0.5
         out = out.to(q.dtype).transpose(1, 2).reshape(B, N, inner)  # (B, N, inner)
         return self.to_out(out)
