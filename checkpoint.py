@@ -1,26 +1,25 @@
 """
 The one reader and writer of Stable Diffusion single-file checkpoints (.safetensors; .ckpt read-only).
 
-    | key prefix in the file                      | module                    | how it loads                     |
-    |---------------------------------------------|---------------------------|----------------------------------|
-    | model.diffusion_model.*                     | unet.UNetModel            | verbatim, strict                 |
-    | first_stage_model.*                         | vae.AutoencoderKL         | verbatim, strict                 |
-    | cond_stage_model.model.*          (SD2)     | text_encoder.TextEncoder  | verbatim, strict                 |
-    | cond_stage_model.transformer.text_model.* (SD1) | text_encoder.TextEncoder | hf_clip_to_open_clip, strict   |
-    | empty_context                               | (1, 77, context_dim)      | only in files without a text     |
-    |                                             |                           | encoder (the bundled tiny prior) |
+    | key prefix in the file                         | module                   | how it loads          |
+    |------------------------------------------------|--------------------------|-----------------------|
+    | model.diffusion_model.*                        | unet.UNetModel           | verbatim, strict      |
+    | first_stage_model.*                            | vae.AutoencoderKL        | verbatim, strict      |
+    | cond_stage_model.model.*                 (SD2) | text_encoder.TextEncoder | verbatim, strict      |
+    | cond_stage_model.transformer.text_model.*(SD1) | text_encoder.TextEncoder | hf_clip_to_open_clip  |
+    | empty_context  (1, 77, context_dim) tensor     | only in files without a text encoder (the tiny prior) |
 Every other key (EMA copies `model_ema.*`, LDM's schedule buffers `betas`, `alphas_cumprod`, ...) is
 left unread and listed in SDCheckpoint.ignored.
 
 What the tensors cannot tell travels in the safetensors string metadata:
     | metadata key                   | meaning                                                            |
     |--------------------------------|--------------------------------------------------------------------|
-    | diff2flow.prediction_type      | "eps" | "v" | "x0" (else modelspec.prediction_type "epsilon"|"v"; |
-    |                                | else eps for SD1, v for SD2 768-v; the caller's argument wins)     |
+    | diff2flow.prediction_type      | "eps", "v" or "x0"; else modelspec.prediction_type ("epsilon",    |
+    |                                | "v"); else eps for SD1, v for SD2 768-v; the caller's argument wins |
     | diff2flow.unet_num_heads       | UNet heads (-1: use channels per head); without it SD's rule       |
-    | diff2flow.unet_num_head_channels | UNet channels per head (-1: use num_heads)                       |
+    | diff2flow.unet_num_head_channels | UNet channels per head (-1: use num_heads)                     |
     | diff2flow.text_heads           | text-encoder heads; without it width // 64 (open_clip's rule)      |
-The writer fills in the head keys itself; other agents' keys (objective, zero-SNR, task) pass through.
+The writer fills in the head keys itself; the keys train.py adds (objective, zero-SNR, task) pass through.
 
 .ckpt files are read only with torch.load(weights_only=True), never weights_only=False. Lightning
 saved its ModelCheckpoint callback into old SD .ckpt files; that one class is let through as an empty
@@ -185,7 +184,8 @@ def load_sd_checkpoint(path, prediction=None, device="cpu", dtype=torch.float32,
     prediction: "eps" | "v" | "x0", overriding the file's metadata and the family default (SD1 eps,
     SD2 v; SD 2.x *base* 512 models are eps: pass prediction="eps"). with_text_encoder=False skips
     building the text encoder (the empty-prompt embedding is then resolved right away).
-    Modules come back in eval mode on `device` in `dtype`. Runtime UNet options: unet.set_options."""
+    Modules come back in eval mode on `device` in `dtype` (None keeps the file's dtypes).
+    Runtime UNet options (attn_fp32, use_checkpoint): ckpt.unet.set_options(...)."""
     path = os.fspath(path)
     sd, metadata = read_state_dict(path)
     keys = list(sd)

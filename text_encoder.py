@@ -1,14 +1,15 @@
 """
 The text encoders of SD1 and SD2, built from open_clip's text tower only (no 4 GB vision tower).
 
-    |                 | SD 1.x                                  | SD 2.x                               |
-    |-----------------|-----------------------------------------|--------------------------------------|
-    | model           | OpenAI CLIP ViT-L/14 (width 768)        | OpenCLIP ViT-H/14 (width 1024)       |
-    | keys in file    | cond_stage_model.transformer.text_model.* (HF transformers names) | cond_stage_model.model.* (open_clip names) |
-    | activation      | QuickGELU x*sigmoid(1.702x)             | GELU                                 |
-    | output          | last layer, then final LayerNorm        | penultimate layer, then ln_final     |
-    | padding token   | end-of-text 49407                       | 0                                    |
-    | context         | all 77 tokens, (B, 77, 768)             | all 77 tokens, (B, 77, 1024)         |
+    |               | SD 1.x                               | SD 2.x                                |
+    |---------------|--------------------------------------|---------------------------------------|
+    | model         | OpenAI CLIP ViT-L/14 (width 768)     | OpenCLIP ViT-H/14 (width 1024)        |
+    | keys in file  | cond_stage_model.transformer.        | cond_stage_model.model.*              |
+    |               |   text_model.* (HF transformers)     |   (open_clip's own names)             |
+    | activation    | QuickGELU x*sigmoid(1.702x)          | GELU                                  |
+    | output        | last layer, then final LayerNorm     | penultimate layer, then ln_final      |
+    | padding token | end-of-text 49407                    | 0                                     |
+    | context       | all 77 tokens, (B, 77, 768)          | all 77 tokens, (B, 77, 1024)          |
 
 The module's own state dict uses open_clip's names under `model.` (so SD2's `cond_stage_model.`
 keys load verbatim). SD1's HF CLIP names are mapped by `hf_clip_to_open_clip` (the one renaming
