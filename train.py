@@ -176,7 +176,11 @@ def depth_sets(args, hw):
         train = data.MixedDataset(sets, probs=probs, seed=args.seed)
         heldout = data.RenderedDepthDataset.split("heldout", VAL_SCENES, *hw)
         return train, heldout
-    return data.RenderedDepthDataset.split("train", args.train_scenes, *hw), data.RenderedDepthDataset.split("heldout", VAL_SCENES, *hw)
+    key = (args.train_scenes, hw)
+    if key not in _SCENES:   # rendered scenes are cached in memory; keep the data sets for later runs
+        _SCENES[key] = (data.RenderedDepthDataset.split("train", args.train_scenes, *hw),
+                        data.RenderedDepthDataset.split("heldout", VAL_SCENES, *hw))
+    return _SCENES[key]
 
 
 @torch.no_grad()
@@ -192,14 +196,23 @@ def encode_depth_items(vae, items, norm, device):
     return img, dep, data.latent_valid_mask(valid, factor)
 
 
-def cache_latents(vae, dataset, norm, device, batch=16, log=print):
+_LATENTS = {}   # (checkpoint, data set, normalisation) → latents: runs in one process (results.py) share them
+_SCENES = {}
+
+
+def cache_latents(vae, dataset, norm, device, key=None, batch=16):
     """Encode a fixed data set once (the VAE is frozen): the demo then spends its time in the UNet."""
+    if key is not None and key in _LATENTS:
+        return _LATENTS[key]
     img, dep, mask = [], [], []
     for i in tqdm(range(0, len(dataset), batch), desc="encoding latents", leave=False):
         out = encode_depth_items(vae, [dataset[j] for j in range(i, min(i + batch, len(dataset)))], norm, device)
         for acc, t in zip((img, dep, mask), out):
             acc.append(t.cpu())
-    return torch.cat(img), torch.cat(dep), torch.cat(mask)
+    latents = torch.cat(img), torch.cat(dep), torch.cat(mask)
+    if key is not None:
+        _LATENTS[key] = latents
+    return latents
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,7 +301,8 @@ def main(argv=None):
     train_set, heldout = depth_sets(args, hw)
     cached = None
     if isinstance(train_set, data.RenderedDepthDataset):
-        cached = cache_latents(vae, train_set, args.norm, device, log=log)
+        key = (info["ckpt"], os.path.getmtime(info["ckpt"]), len(train_set), hw, args.norm)
+        cached = cache_latents(vae, train_set, args.norm, device, key)
         log(f"training on {len(train_set)} rendered scenes at {hw[0]}x{hw[1]}, latents {tuple(cached[0].shape[1:])}")
 
     params = list(trained_params(unet).values())
