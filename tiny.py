@@ -97,7 +97,7 @@ def load_stage(path, key):
     mismatch keeps a rerun with other flags from silently continuing someone else's run."""
     if not os.path.exists(path):
         return None
-    ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by this script
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, strings, lists and dicts only
     if ck["key"] != key:
         raise ValueError(f"{path} was made with other settings ({ck['key']} != {key}): delete it or pass another --work")
     return ck
