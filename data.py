@@ -71,11 +71,11 @@ def camera_rotation(yaw, pitch, roll=0.0):
 
 
 def camera_rays(height, width, focal, rot):
-    """Unnormalised world ray directions (H*W, 3) whose camera-frame z is 1 (t = planar depth)."""
+    """Unnormalised world ray directions (H*W, 3), row-major pixels, whose camera-frame z is 1
+    (so the ray parameter t of a hit is its planar depth). render() builds the same rays."""
     v, u = np.meshgrid((np.arange(height) + 0.5 - height / 2) / focal,
                        (np.arange(width) + 0.5 - width / 2) / focal, indexing="ij")
-    cam = np.stack([u.ravel(), v.ravel(), np.ones(height * width)], axis=1)  # (N, 3)
-    return cam @ rot.T
+    return (rot[:, 0:1] * u.ravel() + rot[:, 1:2] * v.ravel() + rot[:, 2:3]).T
 
 
 def _material(rng, yaw=None):
@@ -215,22 +215,29 @@ def _add_object(rng, scene, c, size, cam, room=None, building=False, rest=True):
             scene["quads"].append(dict(c=c, ax=rot[:, 0], ay=rot[:, 1], half=half, material=_material(rng, yaw)))
 
 
-# --- intersections: o (3,) or (N, 3) origins, d (N, 3) directions; return t (N,), inf on a miss ---
+# --- intersections, on (3, N) arrays (one row per coordinate: numpy's matmul and reductions over a
+# trailing axis of 3 are slow, row-wise arithmetic is fast). o: (3, 1) or (3, N) ray origins,
+# d: (3, N) directions. Each returns t (N,), inf on a miss.
 
 def _dot(a, b):
-    return np.einsum("...i,...i->...", a, b)
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _mv(m, v):
+    """m (3, 3) @ v (3, N), row by row."""
+    return np.stack([m[i, 0] * v[0] + m[i, 1] * v[1] + m[i, 2] * v[2] for i in range(3)])
 
 
 def _hit_plane(o, d, n, c):
     # one-sided: only hits from the side n points to (room planes face inwards, the ground up)
-    den = d @ n
+    den = _dot(n, d)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = (c - _dot(o, n)) / den
+        t = (c - _dot(n, o)) / den
     return np.where((den < 0) & (t > 1e-6), t, np.inf)
 
 
 def _hit_sphere(o, d, c, r):
-    oc = o - c
+    oc = o - c[:, None]
     a, b, cc = _dot(d, d), 2 * _dot(d, oc), _dot(oc, oc) - r * r
     disc = b * b - 4 * a * cc
     sq = np.sqrt(np.maximum(disc, 0))
@@ -240,30 +247,30 @@ def _hit_sphere(o, d, c, r):
 
 
 def _hit_box(o, d, c, half, rot):
-    """Slab test in the box frame. Returns t and the index of the entry face's axis."""
-    ol, dl = (o - c) @ rot, d @ rot  # world -> box frame (rot is box -> world)
-    dl = np.where(np.abs(dl) < 1e-12, 1e-12, dl)
-    t1, t2 = (-half - ol) / dl, (half - ol) / dl
+    """Slab test in the box frame (rot: box -> world). Returns t and the entry face's axis (0, 1, 2)."""
+    ol, dl = _mv(rot.T, o - c[:, None]), _mv(rot.T, d)
+    inv = 1.0 / np.where(np.abs(dl) < 1e-12, 1e-12, dl)
+    t1, t2 = (-half[:, None] - ol) * inv, (half[:, None] - ol) * inv
     tmin3 = np.minimum(t1, t2)
-    tnear, tfar = tmin3.max(-1), np.maximum(t1, t2).min(-1)
+    tnear, tfar = tmin3.max(0), np.maximum(t1, t2).min(0)
     hit = (tfar >= tnear) & (tnear > 1e-6)
-    return np.where(hit, tnear, np.inf), tmin3.argmax(-1), dl
+    return np.where(hit, tnear, np.inf), tmin3.argmax(0)
 
 
 def _hit_quad(o, d, c, ax, ay, half):
     n = np.cross(ax, ay)
-    den = d @ n
+    den = _dot(n, d)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = _dot(c - o, n) / den
-        p = o + t[:, None] * d - c
-    inside = (np.abs(p @ ax) <= half[0]) & (np.abs(p @ ay) <= half[1])
+        t = _dot(n, c[:, None] - o) / den
+        p = o + t * d - c[:, None]
+    inside = (np.abs(_dot(ax, p)) <= half[0]) & (np.abs(_dot(ay, p)) <= half[1])
     return np.where(inside & (t > 1e-6) & (np.abs(den) > 1e-12), t, np.inf)
 
 
 def _objects_block(scene, o, d, tmax):
     """Shadow rays: True where any object lies between o and o + tmax * d. Room planes and the
     ground never shadow (the light is inside the convex room / the sun is above the ground)."""
-    blocked = np.zeros(len(d), bool)
+    blocked = np.zeros(d.shape[1], bool)
     for s in scene["spheres"]:
         blocked |= _hit_sphere(o, d, s["c"], s["r"]) < tmax
     for b in scene["boxes"]:
@@ -274,38 +281,44 @@ def _objects_block(scene, o, d, tmax):
 
 
 def _texture(m, p_local, footprint):
-    """Albedo (N, 3) of a procedural solid texture at local points (N, 3). Where a pixel covers more
-    than a cell (footprint, metres per pixel on the surface), fade to the palette's mean: a cheap
-    anti-aliasing that avoids moire on far ground."""
-    cell = np.floor(p_local @ m["rot"] / m["scale"] + m["phase"]).astype(np.int64)
-    h = (cell[:, 0] * 73856093) ^ (cell[:, 1] * 19349663) ^ (cell[:, 2] * 83492791)
+    """Albedo (3, N) of a procedural solid texture at points (3, N) in the surface's frame. Where a
+    pixel covers more than a cell (footprint, metres per pixel on the surface), fade to the palette's
+    mean: a cheap anti-aliasing that avoids moire on far ground."""
+    cell = np.floor(_mv(m["rot"].T, p_local) / m["scale"][:, None] + m["phase"][:, None]).astype(np.int64)
+    h = (cell[0] * 73856093) ^ (cell[1] * 19349663) ^ (cell[2] * 83492791)  # a hash per cell
     h = (h ^ (h >> 13)) & 0x7FFFFFFF
     pat = m["pattern"]
     if pat == "checker":
-        idx = (cell.sum(1) & 1)
+        idx = (cell[0] + cell[1] + cell[2]) & 1
     elif pat == "stripes":
-        idx = (cell[:, 0] & 1) * 2
+        idx = (cell[0] & 1) * 2
     elif pat == "tiles":
         idx = h % 4
     else:
-        idx = np.zeros(len(cell), np.int64)
+        idx = np.zeros(cell.shape[1], np.int64)
     shade = 0.88 + 0.12 * ((h >> 4) % 8) / 7.0  # per-cell brightness variation
     used = {"checker": [0, 1], "stripes": [0, 2], "tiles": [0, 1, 2, 3]}.get(pat, [0])
-    w = np.clip(footprint / m["scale"].min() - 0.5, 0, 1)[:, None]
-    return (1 - w) * m["colors"][idx] * shade[:, None] + w * 0.94 * m["colors"][used].mean(0)
+    w = np.clip(footprint / m["scale"].min() - 0.5, 0, 1)
+    return (1 - w) * m["colors"][idx].T * shade + w * 0.94 * m["colors"][used].mean(0)[:, None]
 
 
 def render(scene, height, width, return_distance=False):
     """Ray-cast a scene description. Returns dict(rgb (H, W, 3) float32 in [0, 1], depth (H, W)
     float32 planar metres with 0 where invalid, valid (H, W) bool, focal (pixels)); with
-    return_distance also distance (H, W) = Euclidean camera-to-hit length from the 3-D hit points."""
+    return_distance also distance (H, W) = Euclidean camera-to-hit length from the 3-D hit points.
+    A description (see _draw_scene, or make_scene in test_data.py) holds: kind ('room' | 'open'),
+    focal_frac, camera (pos, rot), planes (n, c: one-sided n . p = c), spheres (c, r), boxes (c, half,
+    rot), quads (c, ax, ay, half), each with a material; light (sun: dir | point: pos, falloff;
+    power), ambient, exposure, light_color, max_depth; open scenes also sky and fog."""
     focal = scene["focal_frac"] * width
-    o, rot = scene["camera"]["pos"], scene["camera"]["rot"]
-    d = camera_rays(height, width, focal, rot)  # (N, 3)
-    N = len(d)
+    o, rot = scene["camera"]["pos"][:, None], scene["camera"]["rot"]
+    v, u = np.meshgrid((np.arange(height) + 0.5 - height / 2) / focal,
+                       (np.arange(width) + 0.5 - width / 2) / focal, indexing="ij")
+    d = rot[:, 0:1] * u.ravel() + rot[:, 1:2] * v.ravel() + rot[:, 2:3]  # (3, N), camera-frame z = 1
+    N = d.shape[1]
     t = np.full(N, np.inf)
-    kind_id = np.full(N, -1)  # index into `surfaces`
-    aux = np.zeros(N, np.int64)  # box face axis
+    surf = np.full(N, -1)  # index into `surfaces` of the nearest hit
+    face = np.zeros(N, np.int64)  # the box face's axis
     surfaces = ([("plane", s) for s in scene["planes"]] + [("sphere", s) for s in scene["spheres"]]
                 + [("box", s) for s in scene["boxes"]] + [("quad", s) for s in scene["quads"]])
     for k, (kind, s) in enumerate(surfaces):
@@ -314,80 +327,77 @@ def render(scene, height, width, return_distance=False):
         elif kind == "sphere":
             tk = _hit_sphere(o, d, s["c"], s["r"])
         elif kind == "box":
-            tk, axis, _ = _hit_box(o, d, s["c"], s["half"], s["rot"])
+            tk, axis = _hit_box(o, d, s["c"], s["half"], s["rot"])
         else:
             tk = _hit_quad(o, d, s["c"], s["ax"], s["ay"], s["half"])
         closer = tk < t
         t = np.where(closer, tk, t)
-        kind_id = np.where(closer, k, kind_id)
+        surf = np.where(closer, k, surf)
         if kind == "box":
-            aux = np.where(closer, axis, aux)
+            face = np.where(closer, axis, face)
 
     hit = np.isfinite(t)
-    p = o + np.where(hit, t, 0)[:, None] * d  # (N, 3) hit points
-    normal = np.zeros((N, 3))
-    albedo = np.zeros((N, 3))
+    p = o + np.where(hit, t, 0) * d  # (3, N) hit points
+    normal, albedo = np.zeros((3, N)), np.zeros((3, N))
+    dlen = np.sqrt(_dot(d, d))
     for k, (kind, s) in enumerate(surfaces):
-        m = kind_id == k
+        m = surf == k
         if not m.any():
             continue
-        pk = p[m]
+        pk = p[:, m]
         if kind == "plane":
-            nk, local = np.broadcast_to(s["n"], pk.shape), pk
+            nk, local = np.broadcast_to(s["n"][:, None], pk.shape), pk
         elif kind == "sphere":
-            nk, local = (pk - s["c"]) / s["r"], pk - s["c"]
+            local = pk - s["c"][:, None]
+            nk = local / s["r"]
         elif kind == "box":
-            local = (pk - s["c"]) @ s["rot"]
-            ax = aux[m]
-            nl = np.zeros_like(local)
-            nl[np.arange(len(ax)), ax] = np.sign(local[np.arange(len(ax)), ax])
-            nk = nl @ s["rot"].T
-            local = pk - s["c"]
+            local = pk - s["c"][:, None]
+            inbox = _mv(s["rot"].T, local)
+            nl = np.zeros_like(inbox)
+            cols = np.arange(pk.shape[1])
+            nl[face[m], cols] = np.sign(inbox[face[m], cols])
+            nk = _mv(s["rot"], nl)
         else:
-            nk, local = np.broadcast_to(np.cross(s["ax"], s["ay"]), pk.shape), pk - s["c"]
-        dk = d[m]
-        nk = np.where(_dot(nk, dk)[:, None] > 0, -nk, nk)  # face the camera (two-sided quads)
-        cos = np.abs(_dot(nk, dk)) / np.linalg.norm(dk, axis=1)
-        footprint = t[m] * np.linalg.norm(dk, axis=1) / focal / np.maximum(cos, 0.15)
-        normal[m], albedo[m] = nk, _texture(s["material"], local, footprint)
+            nk, local = np.broadcast_to(np.cross(s["ax"], s["ay"])[:, None], pk.shape), pk - s["c"][:, None]
+        dk = d[:, m]
+        nk = np.where(_dot(nk, dk) > 0, -nk, nk)  # face the camera (two-sided quads)
+        cos = np.abs(_dot(nk, dk)) / dlen[m]
+        footprint = t[m] * dlen[m] / focal / np.maximum(cos, 0.15)
+        normal[:, m], albedo[:, m] = nk, _texture(s["material"], local, footprint)
 
     # Lambertian shading with one light and shadow rays
     light = scene["light"]
     if light["kind"] == "sun":
-        to_l = np.broadcast_to(-light["dir"], p.shape)
+        to_l = np.broadcast_to(-light["dir"][:, None], p.shape)
         dist_l = np.full(N, np.inf)
         falloff = np.ones(N)
     else:
-        to_l = light["pos"] - p
-        dist_l = np.linalg.norm(to_l, axis=1)
-        to_l = to_l / np.maximum(dist_l, 1e-9)[:, None]
+        to_l = light["pos"][:, None] - p
+        dist_l = np.sqrt(_dot(to_l, to_l))
+        to_l = to_l / np.maximum(dist_l, 1e-9)
         falloff = 1.5 / (1.0 + (dist_l / light["falloff"]) ** 2)
     ndotl = np.maximum(_dot(normal, to_l), 0) * hit
-    lit = ndotl > 0
-    if lit.any():
-        idx = np.nonzero(lit)[0]
-        shadow = _objects_block(scene, p[idx] + 1e-4 * normal[idx] * np.maximum(1, t[idx, None]),
-                                to_l[idx], dist_l[idx])
-        ndotl[idx[shadow]] = 0
-    radiance = albedo * (scene["ambient"] + light["power"] * falloff * ndotl)[:, None]
-    radiance = radiance * scene["light_color"] * scene["exposure"]
+    idx = np.nonzero(ndotl > 0)[0]
+    if len(idx):
+        start = p[:, idx] + 1e-4 * normal[:, idx] * np.maximum(1, t[idx])  # off the surface
+        ndotl[idx[_objects_block(scene, start, to_l[:, idx], dist_l[idx])]] = 0
+    radiance = albedo * (scene["ambient"] + light["power"] * falloff * ndotl)
+    radiance = radiance * (scene["light_color"] * scene["exposure"])[:, None]
 
     if scene["kind"] == "open":
-        dn = d / np.linalg.norm(d, axis=1, keepdims=True)
-        up = np.clip(dn[:, 1], 0, 1)[:, None] ** 0.6
-        sky = (1 - up) * scene["sky"]["horizon"] + up * scene["sky"]["zenith"]
-        dist = t * np.linalg.norm(d, axis=1)
-        haze = np.exp(-np.where(hit, dist, np.inf) / scene["fog"])[:, None]  # aerial perspective
-        far = scene["sky"]["horizon"] ** 2.2  # linear light of the haze
-        radiance = np.where(hit[:, None], haze * radiance + (1 - haze) * far, sky ** 2.2)
+        up = np.clip(d[1] / dlen, 0, 1) ** 0.6
+        sky = (1 - up) * scene["sky"]["horizon"][:, None] + up * scene["sky"]["zenith"][:, None]
+        haze = np.exp(-np.where(hit, t * dlen, np.inf) / scene["fog"])  # aerial perspective
+        far = scene["sky"]["horizon"][:, None] ** 2.2  # linear light of the haze
+        radiance = np.where(hit, haze * radiance + (1 - haze) * far, sky ** 2.2)
     rgb = np.clip(radiance, 0, 1) ** (1 / 2.2)  # linear -> display gamma
 
     valid = hit & (t < scene["max_depth"])
-    out = dict(rgb=rgb.reshape(height, width, 3).astype(np.float32),
+    out = dict(rgb=rgb.T.reshape(height, width, 3).astype(np.float32),
                depth=np.where(valid, t, 0).reshape(height, width).astype(np.float32),
                valid=valid.reshape(height, width), focal=float(focal))
     if return_distance:
-        out["distance"] = np.where(hit, np.linalg.norm(p - o, axis=1), 0).reshape(height, width)
+        out["distance"] = np.where(hit, np.sqrt(_dot(p - o, p - o)), 0).reshape(height, width)
     return out
 
 
