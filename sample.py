@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import data
+import data_t2i
 from checkpoint import load_sd_checkpoint
 from diff2flow import Diff2Flow, conditioned
 from lora import load_lora, read_metadata
@@ -169,35 +170,171 @@ def write_depth_outputs(out_dir, name, pred01, spread, norm):
 # ---------------------------------------------------------------------------------------------------
 # Loading a run
 
-def newest_run(root=RUNS):
-    """The most recently written LoRA under runs/ (train.py's default output folder)."""
-    found = glob.glob(os.path.join(root, LORA_FILE)) + glob.glob(os.path.join(root, "**", LORA_FILE), recursive=True)
+def newest_run(root=RUNS, task="depth"):
+    """The most recently written LoRA of `task` under runs/ (train.py's default output folder)."""
+    found = set(glob.glob(os.path.join(root, LORA_FILE)) + glob.glob(os.path.join(root, "**", LORA_FILE), recursive=True))
+    found = [f for f in found if read_metadata(f).get("diff2flow.task", task) == task]
     if not found:
-        raise FileNotFoundError(f"no trained run under {root}/ (looked for {LORA_FILE}): run "
-                                f"`python train.py --task depth` first, or pass --run")
-    return max(set(found), key=os.path.getmtime)
+        raise FileNotFoundError(f"no trained {task} run under {root}/ (looked for {LORA_FILE}): run "
+                                f"`python train.py --task {task}` first, or pass --run")
+    return max(found, key=os.path.getmtime)
 
 
-def load_run(run, ckpt=None, device="cpu"):
-    """Base checkpoint + the run's LoRA (and companion file) → (unet, vae, d2f, context, metadata)."""
+class Loaded:
+    """What sampling needs: the (finetuned) UNet, the VAE, the text encoder (None for the tiny prior),
+    the Diff2Flow maps, the empty-prompt context, the objective and the run's metadata."""
+
+    def __init__(self, unet, vae, text_encoder, d2f, context, objective, meta):
+        self.unet, self.vae, self.text_encoder, self.d2f = unet, vae, text_encoder, d2f
+        self.context, self.objective, self.meta = context, objective, meta
+
+    def encode(self, prompts):
+        """Prompts → (B, 77, C) contexts; the tiny prior has no text encoder and is unconditional."""
+        if self.text_encoder is None:
+            return self.context.expand(len(prompts), -1, -1)
+        with torch.no_grad():
+            return self.text_encoder.encode(prompts).to(self.context.device, self.context.dtype)
+
+
+def load_run(run=None, ckpt=None, device="cpu"):
+    """Base checkpoint + a run's LoRA (and companion file); run=None gives the untouched prior, sampled
+    through Diff2Flow on its own schedule."""
     from train import find_checkpoint
-    path = run if run.endswith(".safetensors") else os.path.join(run, LORA_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no LoRA file at {path}: pass a run folder written by train.py or its lora.safetensors")
-    meta = read_metadata(path)
-    if "diff2flow.objective" not in meta:
-        raise ValueError(f"{path} has no diff2flow metadata (objective, prediction type): was it written by train.py?")
+    meta = {}
+    if run is not None:
+        path = run if run.endswith(".safetensors") else os.path.join(run, LORA_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no LoRA file at {path}: pass a run folder written by train.py or its lora.safetensors")
+        meta = read_metadata(path)
+        if "diff2flow.objective" not in meta:
+            raise ValueError(f"{path} has no diff2flow metadata (objective, prediction type): was it written by train.py?")
     base = ckpt or find_checkpoint(None)[0]
-    if ckpt is None and os.path.basename(base) != meta.get("diff2flow.base_checkpoint", os.path.basename(base)):
-        print(f"note: {path} was trained on {meta['diff2flow.base_checkpoint']}, loading it onto {base}")
-    sd = load_sd_checkpoint(base, prediction=meta["diff2flow.prediction_type"])
-    unet, vae = sd.unet, sd.vae
-    widen_input_conv(unet, int(meta.get("diff2flow.unet_in_channels", 2 * unet.cfg.in_channels)))
-    load_lora(path, unet)
-    d2f = Diff2Flow(meta["diff2flow.prediction_type"], meta["diff2flow.zero_snr"] == "True")
-    unet.eval().requires_grad_(False).to(device)
-    vae.eval().requires_grad_(False).to(device)
-    return unet, vae, d2f, sd.empty_context().to(device), meta
+    if run is not None and ckpt is None and os.path.basename(base) != meta.get("diff2flow.base_checkpoint", os.path.basename(base)):
+        print(f"note: {run} was trained on {meta['diff2flow.base_checkpoint']}, loading it onto {base}")
+    sd = load_sd_checkpoint(base, prediction=meta.get("diff2flow.prediction_type"))
+    unet = sd.unet
+    if run is not None:
+        widen_input_conv(unet, int(meta.get("diff2flow.unet_in_channels", unet.cfg.in_channels)))
+        load_lora(path, unet)
+    d2f = Diff2Flow(sd.prediction, meta.get("diff2flow.zero_snr") == "True")
+    meta.setdefault("diff2flow.family", sd.family)
+    for m in (unet, sd.vae, sd.text_encoder):
+        if m is not None:
+            m.eval().requires_grad_(False).to(device)
+    return Loaded(unet, sd.vae, sd.text_encoder, d2f, sd.empty_context().to(device),
+                  meta.get("diff2flow.objective", "diff2flow"), meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text-to-image, reflow pairs, and how straight the trajectories are
+
+def sample_noise(shape, seed, indices):
+    """Noise for samples `indices`, each from its own seed: sample i is the same whoever draws it, so a
+    resumed pair generation or a subset of prompts reproduces exactly."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices])
+
+
+@torch.no_grad()
+def generate(unet, d2f, context, noise, steps, objective="diff2flow", uncond=None, cfg=1.0):
+    """Latents from noise; CFG on the raw output when uncond is given and cfg != 1."""
+    model = conditioned(unet, context, uncond_context=uncond, cfg_scale=cfg)
+    return d2f.sample(model, noise, steps, objective)
+
+
+@torch.no_grad()
+def straightness(unet, vae, d2f, context, noise, objective="diff2flow", few=2, many=25, preview=None):
+    """How far `few` Euler steps land from `many` steps from the same noise (mean squared latent
+    distance), and the samples' spread (mean per-dimension std across samples) for both: a model that
+    collapsed to one output is "straight" too, so the spread must stay near the many-step spread."""
+    x_few = generate(unet, d2f, context, noise, few, objective)
+    x_many = generate(unet, d2f, context, noise, many, objective)
+    res = dict(distance=float(((x_few - x_many) ** 2).mean()), spread=float(x_few.std(0).mean()),
+               spread_many=float(x_many.std(0).mean()))
+    if preview:
+        rows = [torch.cat(list(vae.decode(x).clamp(-1, 1).cpu()), dim=2) for x in (x_few, x_many)]   # (3, h, n·w)
+        save_png(preview, rgb_to_uint8(torch.cat(rows, dim=1)))
+    return res
+
+
+def save_pairs(loaded, folder, prompts, num, steps=40, cfg=7.5, shard_size=64, seed=0, latent_hw=None):
+    """Reflow pairs (noise, latent, caption) from the model's own ODE into shards; resumable: whole shards
+    are kept, torn or missing ones (re)generated with the same per-sample noise."""
+    if not prompts:
+        raise ValueError("no prompts to generate pairs from")
+    os.makedirs(folder, exist_ok=True)
+    c = loaded.unet.cfg.out_channels
+    shape = (c, *latent_hw)
+    settings = {"objective": loaded.objective, "steps": steps, "cfg": cfg, "seed": seed,
+                "zero_snr": loaded.d2f.zero_snr, "prediction": loaded.d2f.prediction,
+                "base": loaded.meta.get("diff2flow.base_checkpoint", "")}
+    todo = data_t2i.missing_shards(folder, num, shard_size)
+    device = loaded.context.device
+    for k in tqdm(todo, desc="pair shards"):
+        idx = list(range(k * shard_size, min(num, (k + 1) * shard_size)))
+        captions = [prompts[i % len(prompts)] for i in idx]
+        noise = sample_noise(shape, seed, idx).to(device)
+        uncond = loaded.context.expand(len(idx), -1, -1)
+        x1 = generate(loaded.unet, loaded.d2f, loaded.encode(captions), noise, steps, loaded.objective, uncond, cfg)
+        # The FM line t·x1 + (1-t)·x0 must pass through the sampler's true start (DESIGN.md: eps-models)
+        x0 = loaded.d2f.flow_noise(noise, x1) if loaded.objective == "diff2flow" else noise
+        data_t2i.write_shard(os.path.join(folder, data_t2i.SHARD.format(k)), x0, x1, captions, settings)
+    return len(todo)
+
+
+def png_info(prompt, seed, steps, cfg, objective, model):
+    """A1111-style "parameters" text (what image browsers read) plus one key per setting."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", f"{prompt}\nSteps: {steps}, Sampler: {'DDIM' if objective == 'diffusion' else 'Diff2Flow Euler'}, "
+                                f"CFG scale: {cfg}, Seed: {seed}, Model: {model}")
+    for k, v in dict(prompt=prompt, seed=seed, steps=steps, cfg=cfg, objective=objective, model=model).items():
+        info.add_text(k, str(v))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fréchet distance with a pluggable feature extractor
+
+def feature_statistics(feats):
+    """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
+    f = torch.as_tensor(feats, dtype=torch.float64)
+    if f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
+    return f.mean(0), torch.cov(f.T)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """‖μ1 - μ2‖² + tr(Σ1 + Σ2 - 2(Σ1^½ Σ2 Σ1^½)^½), the Fréchet distance of two Gaussians (FID's formula).
+    The matrix square roots come from symmetric eigendecompositions (no scipy needed)."""
+    def sqrtm_psd(m):
+        w, v = torch.linalg.eigh((m + m.T) / 2)
+        return (v * w.clamp(min=0).sqrt()) @ v.T
+
+    s1h = sqrtm_psd(sigma1)
+    cross = torch.linalg.eigvalsh(s1h @ sigma2 @ s1h).clamp(min=0).sqrt().sum()
+    return float(((mu1 - mu2) ** 2).sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * cross)
+
+
+def load_feature_extractor(path):
+    """A TorchScript feature extractor, e.g. the Inception network clean-fid and StyleGAN's metrics use
+    (`inception-2015-12-05.pt`; nothing is downloaded here). Returns f(uint8 (N, 3, H, W)) → (N, D)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"feature extractor not found: {path} (give the TorchScript Inception file)")
+    net = torch.jit.load(path, map_location="cpu").eval()
+
+    def features(images):
+        with torch.no_grad():
+            try:
+                return net(images, return_features=True)
+            except (RuntimeError, TypeError):
+                return net(images)
+    return features
+
+
+def fid(features, images_a, images_b, batch=50):
+    """Fréchet distance between two image sets (uint8 (N, 3, H, W)) under a feature extractor."""
+    stats = [feature_statistics(torch.cat([features(x[i:i + batch]) for i in range(0, len(x), batch)])) for x in (images_a, images_b)]
+    return frechet_distance(*stats[0], *stats[1])
 
 
 def list_inputs(path):
@@ -224,28 +361,81 @@ def read_image(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="depth", choices=["depth"])
-    p.add_argument("--run", default=None, help="run folder or LoRA file (default: newest under runs/)")
+    p.add_argument("--task", default="depth", choices=["depth", "t2i"])
+    p.add_argument("--run", default=None, help="run folder or LoRA file (default: newest under runs/ for depth; "
+                   "the untouched prior for t2i)")
     p.add_argument("--ckpt", default=None, help="base checkpoint (default: as train.py finds it)")
-    p.add_argument("--input", default=None, help="image or folder (default: held-out rendered scenes)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     p.add_argument("--steps", default=4, type=int, help="Euler steps (DDIM steps for a diffusion-objective run)")
-    p.add_argument("--ensemble", default=4, type=int, help="ensemble members per image")
-    p.add_argument("--processing-res", default=None, type=int, help="long edge to process at (default: the training resolution's)")
-    p.add_argument("--num", default=8, type=int, help="held-out scenes when no --input is given")
-    p.add_argument("--eval", default=None, choices=EVAL_SETS, help="evaluate on a data set (Marigold protocol)")
-    p.add_argument("--data-root", default=None, help="extracted evaluation archive")
-    p.add_argument("--split", default=None, help="split file (default: <data-root>/<set>_test.txt)")
-    p.add_argument("--align", default=None, choices=["log", "depth"], help="force the alignment space (default: by the run's normalisation)")
     p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--num", default=8, type=int, help="depth: held-out scenes when no --input; t2i: images (or pairs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    depth = p.add_argument_group("depth")
+    depth.add_argument("--input", default=None, help="image or folder (default: held-out rendered scenes)")
+    depth.add_argument("--ensemble", default=4, type=int, help="ensemble members per image")
+    depth.add_argument("--processing-res", default=None, type=int, help="long edge to process at (default: the training resolution's)")
+    depth.add_argument("--eval", default=None, choices=EVAL_SETS, help="evaluate on a data set (Marigold protocol)")
+    depth.add_argument("--data-root", default=None, help="extracted evaluation archive")
+    depth.add_argument("--split", default=None, help="split file (default: <data-root>/<set>_test.txt)")
+    depth.add_argument("--align", default=None, choices=["log", "depth"], help="force the alignment space (default: by the run's normalisation)")
+    t2i = p.add_argument_group("text-to-image and reflow pairs")
+    t2i.add_argument("--prompt", default="", help="a prompt, or a text file with one prompt per line")
+    t2i.add_argument("--cfg", default=7.5, type=float, help="classifier-free guidance scale")
+    t2i.add_argument("--res", default=None, help="HxW of the images (default: the run's, else 96x128 tiny / 512x512 SD)")
+    t2i.add_argument("--save-pairs", default=None, help="write --num reflow pairs to this folder (resumable)")
+    t2i.add_argument("--shard-size", default=64, type=int)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.ensemble < 1:
-        p.error("--steps and --ensemble must be at least 1")
+    if args.steps < 1 or args.ensemble < 1 or args.num < 1:
+        p.error("--steps, --ensemble and --num must be at least 1")
+    return main_depth(args, p) if args.task == "depth" else main_t2i(args)
 
+
+def main_t2i(args):
+    loaded = load_run(args.run, args.ckpt, args.device)
+    tiny = loaded.meta.get("diff2flow.family") == "tiny"
+    if args.res:
+        hw = tuple(int(v) for v in args.res.lower().split("x"))
+    else:
+        long_edge = int(loaded.meta.get("diff2flow.res_long_edge", 0))
+        hw = (long_edge, long_edge) if long_edge else ((96, 128) if tiny else (512, 512))
+    factor = 2 ** (len(loaded.vae.cfg.ch_mult) - 1)
+    latent_hw = (hw[0] // factor, hw[1] // factor)
+    prompts = data_t2i.read_prompts(args.prompt) if args.prompt else [""]
+    if loaded.text_encoder is None and any(prompts):
+        print("note: this checkpoint has no text encoder (the tiny prior): prompts are ignored")
+    if args.save_pairs:
+        made = save_pairs(loaded, args.save_pairs, prompts, args.num, args.steps, args.cfg, args.shard_size, args.seed, latent_hw)
+        print(f"{args.save_pairs}: {made} shard(s) written, {args.num} pairs in all ({args.steps} "
+              f"{'DDIM' if loaded.objective == 'diffusion' else 'Euler'} steps, CFG {args.cfg})")
+        return
+    out = args.out or os.path.join(args.run if args.run and os.path.isdir(args.run) else "runs", "samples_t2i")
+    idx = list(range(args.num))
+    captions = [prompts[i % len(prompts)] for i in idx]
+    noise = sample_noise((loaded.unet.cfg.out_channels, *latent_hw), args.seed, idx).to(args.device)
+    latents = generate(loaded.unet, loaded.d2f, loaded.encode(captions), noise, args.steps, loaded.objective,
+                       loaded.context.expand(len(idx), -1, -1), args.cfg)
+    images = [rgb_to_uint8(x) for x in loaded.vae.decode(latents).clamp(-1, 1).float().cpu()]
+    model = os.path.basename(args.run or args.ckpt or "prior")
+    os.makedirs(out, exist_ok=True)
+    for i, (img, caption) in enumerate(zip(images, captions)):
+        path = os.path.join(out, f"{args.seed:04d}_{i:03d}.png")
+        tmp = path + f".tmp{os.getpid()}.png"
+        Image.fromarray(img).save(tmp, pnginfo=png_info(caption, args.seed * 1_000_003 + i, args.steps, args.cfg, loaded.objective, model))
+        os.replace(tmp, path)
+    cols = min(8, len(images))
+    rows = [np.concatenate(images[r:r + cols] + [np.zeros_like(images[0])] * (cols - len(images[r:r + cols])), axis=1)
+            for r in range(0, len(images), cols)]
+    save_png(os.path.join(out, f"grid_{args.seed:04d}.png"), np.concatenate(rows, axis=0))
+    print(f"wrote {len(images)} images and a grid to {out}/ ({args.steps} steps, CFG {args.cfg}, seed {args.seed})")
+
+
+def main_depth(args, p):
     run = args.run or newest_run()
-    unet, vae, d2f, context, meta = load_run(run, args.ckpt, args.device)
-    objective, norm = meta["diff2flow.objective"], meta.get("diff2flow.norm", "log")
+    loaded = load_run(run, args.ckpt, args.device)
+    unet, vae, d2f, context, meta = loaded.unet, loaded.vae, loaded.d2f, loaded.context, loaded.meta
+    if meta.get("diff2flow.task", "depth") != "depth":
+        raise ValueError(f"{run} is a {meta['diff2flow.task']} run: use --task t2i")
+    objective, norm = loaded.objective, meta.get("diff2flow.norm", "log")
     space = alignment_space(norm, args.align)
     out = args.out or os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "samples")
     print(f"run {run}: {objective} objective, {meta['diff2flow.prediction_type']}-prediction, {norm} depth; "

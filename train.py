@@ -3,6 +3,8 @@ Finetune Stable Diffusion with the Diff2Flow objective (or the two baselines): o
 
     python train.py --task depth --lora-rank 64                      # bundled tiny prior, rendered scenes
     python train.py --task depth --ckpt v2-1_768-ema-pruned.safetensors --hypersim DIR --vkitti DIR
+    python train.py --task t2i --ckpt v2-1_768-ema-pruned.safetensors --data photos/ --res 512x512
+    python train.py --task reflow --pairs pairs/ --init-lora runs/t2i/lora.safetensors   # see sample.py --save-pairs
     torchrun --nproc_per_node 4 train.py --task depth ...             # DDP (nccl on GPU, gloo on CPU)
 
 One step: data.py batch → vae.py encode (cached once for a fixed data set) → diff2flow.py draws t and
@@ -25,15 +27,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import data
+import data_t2i
 from checkpoint import load_sd_checkpoint
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned
-from lora import CONV_IN, CONV_OUT, inject_lora, load_lora, lora_metadata, save_lora
+from lora import CONV_IN, CONV_OUT, inject_lora, load_lora, lora_metadata, merge_lora, save_lora
 from unet import widen_input_conv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_PRIOR = os.path.join(HERE, "assets", "tiny_prior.safetensors")
 SD_FILENAMES = ("v2-1_768-ema-pruned.safetensors", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors")
-TASKS = ("depth",)
+TASKS = ("depth", "t2i", "reflow")
 LORA_FILE, STATE_FILE, LOG_FILE = "lora.safetensors", "state.pt", "log.jsonl"
 VAL_SCENES = 64          # held-out rendered scenes for validation (disjoint seeds from training)
 
@@ -69,11 +72,17 @@ def parse_args(argv=None):
     p.add_argument("--vkitti", default=None, help="Virtual KITTI 2 root")
     p.add_argument("--vkitti-split", default=None, help="its split file (default ROOT/vkitti_train.txt)")
     p.add_argument("--train-scenes", default=2000, type=int, help="rendered training scenes when no data set is given")
+    p.add_argument("--data", default=None, help="t2i: image folder with <stem>.txt captions")
+    p.add_argument("--manifest", default=None, help="t2i: JSONL manifest {file, text} instead of .txt captions")
+    p.add_argument("--caption-dropout", default=0.1, type=float, help="t2i/reflow: share of empty captions (for CFG)")
+    p.add_argument("--pairs", default=None, help="reflow: folder of (noise, latent, caption) shards")
+    p.add_argument("--init-lora", default=None, help="merge this LoRA into the prior first (reflow a finetuned model)")
+    p.add_argument("--val-prompts", default=None, help="t2i/reflow: prompt file or prompt for the preview images")
     p.add_argument("--norm", default="log", choices=["log", "affine"], help="depth normalisation (log 1/99%% or affine 2/98%%)")
     p.add_argument("--val-every", default=None, type=int, help="steps between validations (default: steps // 4)")
     p.add_argument("--val-steps", default=4, type=int, help="Euler (or DDIM) steps at validation")
     p.add_argument("--save-every", default=200, type=int, help="steps between checkpoints")
-    p.add_argument("--out", default=os.path.join("runs", "depth"), help="run folder")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<task>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-at", default=None, type=int, help="stop (and save) after this step; the schedule still "
                    "spans --steps, so --resume later continues exactly (time-limited jobs)")
@@ -90,6 +99,11 @@ def parse_args(argv=None):
     unknown = set(args.diffusion_changes) - set(DIFFUSION_CHANGES)
     if unknown:
         p.error(f"unknown diffusion change(s) {sorted(unknown)}: use any of {DIFFUSION_CHANGES}")
+    args.out = args.out or os.path.join("runs", args.task)
+    if args.task == "t2i" and not args.data:
+        p.error("--task t2i needs --data (an image folder with captions)")
+    if args.task == "reflow" and not args.pairs:
+        p.error("--task reflow needs --pairs (make them with sample.py --save-pairs)")
     try:
         args.lora_rank = float(args.lora_rank) if "." in args.lora_rank else int(args.lora_rank)
     except ValueError:
@@ -117,43 +131,52 @@ def find_checkpoint(path):
 def build(args, log=print):
     ckpt_path, tiny = find_checkpoint(args.ckpt)
     sd = load_sd_checkpoint(ckpt_path, prediction=args.prediction)
-    unet, vae = sd.unet, sd.vae
-    context = sd.empty_context()                        # (1, 77, C): depth is conditioned on the empty prompt
+    unet, vae, text_encoder = sd.unet, sd.vae, sd.text_encoder
+    context = sd.empty_context()                        # (1, 77, C): the empty prompt
     prediction = sd.prediction
-    zero_snr = bool(args.zero_snr) if args.zero_snr is not None else (args.objective == "diff2flow" and prediction == "v")
-    d2f = Diff2Flow(prediction, zero_snr)
-    widen_input_conv(unet, 2 * unet.cfg.in_channels)    # [x_noisy, image_latent]
-    unet.requires_grad_(False)
-    vae.requires_grad_(False).eval()
+    if args.init_lora:                                  # e.g. reflow a Diff2Flow-finetuned model
+        load_lora(args.init_lora, unet)
+        merge_lora(unet)
+    zero_snr = args.zero_snr
+    if zero_snr is None and args.task == "reflow":      # follow the ODE that made the pairs
+        zero_snr = data_t2i.ReflowPairs.settings(args.pairs).get("zero_snr") == "True"
+    if zero_snr is None:
+        zero_snr = args.objective == "diff2flow" and prediction == "v"
+    d2f = Diff2Flow(prediction, bool(zero_snr))
+    if args.task == "depth":
+        widen_input_conv(unet, 2 * unet.cfg.in_channels)    # [x_noisy, image_latent]
+    for m in (unet, vae, text_encoder):
+        if m is not None:
+            m.requires_grad_(False).eval()
     if args.lora_rank == 0:
         unet.requires_grad_(True)
         n_lora = 0
     else:
-        full = () if args.no_full_convs else (CONV_IN, CONV_OUT)
+        full = () if args.no_full_convs or args.task != "depth" else (CONV_IN, CONV_OUT)
         n_lora = len(inject_lora(unet, args.lora_rank, args.lora_alpha, full_train=full))
     unet.set_options(use_checkpoint=args.grad_checkpointing)
     n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in unet.parameters())
-    log(f"prior: {ckpt_path} ({sd.family}, {prediction}-prediction), objective {args.objective}, "
-        f"zero-SNR {'on' if zero_snr else 'off'}")
+    log(f"prior: {ckpt_path} ({sd.family}, {prediction}-prediction), task {args.task}, objective {args.objective}, "
+        f"zero-SNR {'on' if d2f.zero_snr else 'off'}")
     if tiny:
-        log("no SD checkpoint given or found: using the bundled tiny prior and procedurally rendered scenes "
-            "(pass --ckpt v2-1_768-ema-pruned.safetensors and real data for the paper's setting)")
+        log("no SD checkpoint given or found: using the bundled tiny prior" + (" and procedurally rendered scenes"
+            if args.task == "depth" else "") + " (pass --ckpt v2-1_768-ema-pruned.safetensors and real data for the paper's setting)")
     what = "full finetuning" if args.lora_rank == 0 else f"LoRA rank {args.lora_rank} on {n_lora} layers"
     log(f"{what}: {n_train / 1e6:.2f} M of {n_all / 1e6:.2f} M UNet parameters trained")
     if tiny and args.lora_rank != 0 and isinstance(args.lora_rank, int) and args.lora_rank >= unet.cfg.model_channels:
         log(f"note: rank {args.lora_rank} is at or above the tiny UNet's width ({unet.cfg.model_channels}-"
             f"{unet.cfg.model_channels * max(unet.cfg.channel_mult)} channels): close to full rank here")
-    info = dict(ckpt=ckpt_path, tiny=tiny, family=sd.family, prediction=prediction, zero_snr=zero_snr)
-    return unet, vae, context, d2f, info
+    info = dict(ckpt=ckpt_path, tiny=tiny, family=sd.family, prediction=prediction, zero_snr=d2f.zero_snr)
+    return unet, vae, text_encoder, context, d2f, info
 
 
 # ---------------------------------------------------------------------------------------------------
 # Depth data: rendered scenes or the real sets, encoded to latents once
 
-def parse_res(res, tiny):
+def parse_res(res, tiny, square=False):
     if res is None:
-        return (96, 128) if tiny else (384, 512)
+        return ((96, 96) if tiny else (512, 512)) if square else ((96, 128) if tiny else (384, 512))
     try:
         h, w = (int(v) for v in res.lower().split("x"))
     except ValueError:
@@ -216,6 +239,114 @@ def cache_latents(vae, dataset, norm, device, key=None, batch=16):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Tasks: what a batch is, and how a run is validated
+
+class DepthTask:
+    """Image → depth: x1 = the depth latent, the image latent concatenated to the UNet's input."""
+
+    def __init__(self, args, vae, context, d2f, info, device, log):
+        self.args, self.vae, self.context, self.d2f, self.device = args, vae, context, d2f, device
+        hw = info["res"] = parse_res(args.res, info["tiny"])
+        self.train_set, self.heldout = depth_sets(args, hw)
+        self.cached = None
+        if isinstance(self.train_set, data.RenderedDepthDataset):
+            key = (info["ckpt"], os.path.getmtime(info["ckpt"]), len(self.train_set), hw, args.norm)
+            self.cached = cache_latents(vae, self.train_set, args.norm, device, key)
+            log(f"training on {len(self.train_set)} rendered scenes at {hw[0]}x{hw[1]}, latents {tuple(self.cached[0].shape[1:])}")
+
+    def batch(self, g):
+        if self.cached is not None:
+            idx = torch.randint(len(self.cached[0]), (self.args.batch_size,), generator=g)
+            img, dep, mask = (t[idx].to(self.device) for t in self.cached)
+        else:
+            idx = torch.randint(len(self.train_set), (self.args.batch_size,), generator=g).tolist()
+            img, dep, mask = encode_depth_items(self.vae, [self.train_set[i] for i in idx], self.args.norm, self.device)
+        return dict(x1=dep, concat=img, mask=mask, noise=None, context=self.context.expand(len(img), -1, -1))
+
+    def baseline(self):
+        import sample
+        return dict(kind="trivial", **sample.evaluate_trivial(self.train_set, self.heldout, self.args.norm))
+
+    def validate(self, unet, step):
+        import sample
+        return sample.evaluate_heldout(unet, self.vae, self.d2f, self.context, self.heldout, self.args.objective,
+                                       self.args.val_steps, norm=self.args.norm,
+                                       preview=os.path.join(self.args.out, f"preview_{step:06d}.png"))
+
+    @staticmethod
+    def describe(r):
+        return f"held-out AbsRel {r['abs_rel']:.4f} δ1 {r['delta1']:.4f}"
+
+    def summary(self, records, log):
+        vals = [r for r in records if r["kind"] == "val"]
+        trivial = [r for r in records if r["kind"] == "trivial"][-1]
+        log(f"\nheld-out depth ({len(self.heldout)} scenes, {self.args.val_steps} steps, alignment in "
+            f"{'log' if self.args.norm == 'log' else 'depth'} space):")
+        log(f"  {'':34s} AbsRel ↓  δ1 ↑")
+        for name, r in (("untouched prior", vals[0]), ("trivial baseline (mean depth map)", trivial),
+                        (f"finetuned ({self.args.objective}, step {vals[-1]['step']})", vals[-1])):
+            log(f"  {name:34s} {r['abs_rel']:.4f}   {r['delta1']:.4f}")
+
+
+class ImageTask:
+    """Text-to-image (image-caption folders) and reflow (stored noise/latent/caption pairs)."""
+    MANY_STEPS = 25      # the reference trajectory of the straightness measure at validation
+
+    def __init__(self, args, vae, text_encoder, context, d2f, info, device, log):
+        self.args, self.vae, self.text, self.context, self.d2f, self.device = args, vae, text_encoder, context, d2f, device
+        if args.task == "t2i":
+            hw = info["res"] = parse_res(args.res, info["tiny"], square=True)
+            dataset = data_t2i.CaptionFolder(args.data, hw, args.manifest, args.caption_dropout, args.seed)
+            rgb = [dataset.image(i) for i in tqdm(range(len(dataset)), desc="encoding images", leave=False)]
+            with torch.no_grad():   # the VAE is frozen and the crop fixed: encode each image once
+                self.latents = torch.cat([vae.encode(torch.stack(rgb[i:i + 16]).to(device)).cpu() for i in range(0, len(rgb), 16)])
+            self.noise, self.captions = None, [c for _, c in dataset.items]
+        else:
+            pairs = data_t2i.ReflowPairs(args.pairs)
+            self.latents, self.noise, self.captions = pairs.latent, pairs.noise, pairs.captions
+            info["res"] = tuple(s * 2 ** (len(vae.cfg.ch_mult) - 1) for s in self.latents.shape[-2:])
+        if text_encoder is None and any(self.captions):
+            log("note: this checkpoint has no text encoder (the tiny prior): captions are ignored, training is unconditional")
+        log(f"{args.task}: {len(self.latents)} {'images' if args.task == 't2i' else 'pairs'}, latents {tuple(self.latents.shape[1:])}")
+        g = torch.Generator().manual_seed(10 ** 6)   # held-out noise, never used in training
+        self.val_noise = torch.randn((8, *self.latents.shape[1:]), generator=g).to(device)
+        prompts = data_t2i.read_prompts(args.val_prompts) if args.val_prompts else (self.captions[:8] or [""])
+        self.val_context = self.encode_text([prompts[i % len(prompts)] for i in range(8)])
+
+    def encode_text(self, captions):
+        if self.text is None:
+            return self.context.expand(len(captions), -1, -1)
+        with torch.no_grad():
+            return self.text.encode(captions).to(self.device)
+
+    def batch(self, g):
+        idx = torch.randint(len(self.latents), (self.args.batch_size,), generator=g)
+        drop = torch.rand(len(idx), generator=g) < self.args.caption_dropout   # for classifier-free guidance
+        captions = ["" if d else self.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        noise = None if self.noise is None else self.noise[idx].to(self.device)
+        return dict(x1=self.latents[idx].to(self.device), concat=None, mask=None, noise=noise, context=self.encode_text(captions))
+
+    def baseline(self):
+        return None
+
+    def validate(self, unet, step):
+        import sample
+        return sample.straightness(unet, self.vae, self.d2f, self.val_context, self.val_noise, self.args.objective,
+                                   few=self.args.val_steps, many=self.MANY_STEPS,
+                                   preview=os.path.join(self.args.out, f"preview_{step:06d}.png"))
+
+    def describe(self, r):
+        return (f"{self.args.val_steps}-step vs {self.MANY_STEPS}-step distance {r['distance']:.4f}, spread "
+                f"{r['spread']:.3f} ({self.MANY_STEPS}-step: {r['spread_many']:.3f})")
+
+    def summary(self, records, log):
+        vals = [r for r in records if r["kind"] == "val"]
+        log(f"\nheld-out noise, {self.args.val_steps} Euler steps against {self.MANY_STEPS} from the same noise:")
+        for name, r in (("before", vals[0]), (f"after {vals[-1]['step']} steps", vals[-1])):
+            log(f"  {name:20s} {self.describe(r)}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Bits of the loop
 
 def lr_at(step, args):
@@ -251,14 +382,10 @@ def save_run(out, unet, opt, ema, step, args, info):
                    "diff2flow.res_long_edge": str(max(info["res"]))})
     live = {n: p.detach().clone() for n, p in trained_params(unet).items()}
     if ema is not None:                                 # the saved weights are the EMA weights
-        with torch.no_grad():
-            for n, p in trained_params(unet).items():
-                p.copy_(ema[n])
+        copy_params(unet, ema)
     save_lora(os.path.join(out, LORA_FILE), unet, meta)
     if ema is not None:
-        with torch.no_grad():
-            for n, p in trained_params(unet).items():
-                p.copy_(live[n])
+        copy_params(unet, live)
     state = dict(step=step, opt=opt.state_dict(), live={n: t.cpu() for n, t in live.items()},
                  ema=None if ema is None else {n: t.cpu() for n, t in ema.items()}, args=vars(args), info=info)
     atomic_torch_save(state, os.path.join(out, STATE_FILE))
@@ -284,31 +411,25 @@ def main(argv=None):
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
-    unet, vae, context, d2f, info = build(args, log)
+    unet, vae, text_encoder, context, d2f, info = build(args, log)
     tiny = info["tiny"]
     args.steps = args.steps or (600 if tiny else 20000)
     args.batch_size = args.batch_size or (8 if tiny else 2)
     args.lr = args.lr or (3e-5 if args.lora_rank == 0 else (1e-3 if tiny else 1e-4))
     args.val_every = args.val_every or max(1, args.steps // 4)
-    unet.to(device)
-    vae.to(device)
+    for m in (unet, vae, text_encoder):
+        if m is not None:
+            m.to(device)
     context = context.to(device)
     os.makedirs(args.out, exist_ok=True)
-
-    import sample   # validation = the sampling code users run (imported late: it imports this file)
-    hw = parse_res(args.res, tiny)
-    info["res"] = hw
-    train_set, heldout = depth_sets(args, hw)
-    cached = None
-    if isinstance(train_set, data.RenderedDepthDataset):
-        key = (info["ckpt"], os.path.getmtime(info["ckpt"]), len(train_set), hw, args.norm)
-        cached = cache_latents(vae, train_set, args.norm, device, key)
-        log(f"training on {len(train_set)} rendered scenes at {hw[0]}x{hw[1]}, latents {tuple(cached[0].shape[1:])}")
+    if args.task == "depth":
+        task = DepthTask(args, vae, context, d2f, info, device, log)
+    else:
+        task = ImageTask(args, vae, text_encoder, context, d2f, info, device, log)
 
     params = list(trained_params(unet).values())
-    fused = device.startswith("cuda")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
-                            **({"fused": True} if fused else {"foreach": True}))
+                            **({"fused": True} if device.startswith("cuda") else {"foreach": True}))
     ema = {n: p.detach().clone() for n, p in trained_params(unet).items()} if args.ema > 0 else None
     start = 0
     state_path = os.path.join(args.out, STATE_FILE)
@@ -316,46 +437,29 @@ def main(argv=None):
         if not os.path.exists(state_path):
             raise SystemExit(f"--resume: no {STATE_FILE} in {args.out}; start without --resume")
         state = torch.load(state_path, map_location=device, weights_only=True)
-        with torch.no_grad():
-            for n, p in trained_params(unet).items():
-                p.copy_(state["live"][n])
+        copy_params(unet, state["live"])
         opt.load_state_dict(state["opt"])
         if ema is not None and state["ema"] is not None:
             ema = {n: t.to(device) for n, t in state["ema"].items()}
         start = state["step"]
         log(f"resumed {args.out} at step {start}")
 
-    net = unet
-    if args.compile:
-        net = torch.compile(unet)
+    net = torch.compile(unet) if args.compile else unet
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    def batch_at(step, micro):
-        g = torch.Generator().manual_seed(step_seed(args.seed, step * args.grad_accum + micro, rank))
-        if cached is not None:
-            idx = torch.randint(len(cached[0]), (args.batch_size,), generator=g)
-            return tuple(t[idx].to(device) for t in cached)
-        idx = torch.randint(len(train_set), (args.batch_size,), generator=g).tolist()
-        return encode_depth_items(vae, [train_set[i] for i in idx], args.norm, device)
-
     def validate(step):
+        """Validation runs on the EMA weights when there are any."""
         unet.eval()
-        live = None
+        live = {n: p.detach().clone() for n, p in trained_params(unet).items()} if ema is not None else None
         if ema is not None:
-            live = {n: p.detach().clone() for n, p in trained_params(unet).items()}
-            with torch.no_grad():
-                for n, p in trained_params(unet).items():
-                    p.copy_(ema[n])
-        scores = sample.evaluate_heldout(unet, vae, d2f, context, heldout, args.objective, args.val_steps,
-                                         norm=args.norm, preview=os.path.join(args.out, f"preview_{step:06d}.png"))
+            copy_params(unet, ema)
+        scores = task.validate(unet, step)
         if live is not None:
-            with torch.no_grad():
-                for n, p in trained_params(unet).items():
-                    p.copy_(live[n])
+            copy_params(unet, live)
         unet.train()
         return scores
 
@@ -367,12 +471,12 @@ def main(argv=None):
             logf.flush()
 
     if master and start == 0:
-        trivial = sample.evaluate_trivial(train_set, heldout, args.norm)
-        prior = validate(0)
-        log(f"held-out before training: AbsRel {prior['abs_rel']:.4f} δ1 {prior['delta1']:.4f}; "
-            f"trivial baseline (mean training depth map) AbsRel {trivial['abs_rel']:.4f} δ1 {trivial['delta1']:.4f}")
-        write_log(dict(step=0, kind="val", **prior))
-        write_log(dict(step=0, kind="trivial", **trivial))
+        base = task.baseline()
+        if base is not None:
+            write_log(dict(step=0, **base))
+        before = validate(0)
+        log(f"before training: {task.describe(before)}")
+        write_log(dict(step=0, kind="val", **before))
 
     unet.train()
     t0, losses = time.time(), []
@@ -382,12 +486,14 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         for micro in range(args.grad_accum):
-            img, dep, mask = batch_at(step, micro)
-            torch.manual_seed(step_seed(args.seed, step * args.grad_accum + micro, rank))   # t and noise
+            seed = step_seed(args.seed, step * args.grad_accum + micro, rank)
+            batch = task.batch(torch.Generator().manual_seed(seed))
+            torch.manual_seed(seed)                      # t and noise: a resumed run draws the same
             sync = world > 1 and micro < args.grad_accum - 1
             with (net.no_sync() if sync else nullcontext()), autocast():
-                model = conditioned(net, context.expand(img.shape[0], -1, -1), concat=img)
-                loss = d2f.loss(model, dep, args.objective, mask=mask, changes=args.diffusion_changes).mean() / args.grad_accum
+                model = conditioned(net, batch["context"], concat=batch["concat"])
+                loss = d2f.loss(model, batch["x1"], args.objective, noise=batch["noise"], mask=batch["mask"],
+                                changes=args.diffusion_changes).mean() / args.grad_accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -398,15 +504,14 @@ def main(argv=None):
                     ema[n].lerp_(p.detach(), 1 - args.ema)
         losses.append(loss.item() * args.grad_accum)
         done = step + 1
-        if master and (done % 10 == 0 or done == args.steps):
-            rec = dict(step=done, kind="train", loss=float(np.mean(losses)), lr=lr_at(step, args),
-                       sec=time.time() - t0)
+        if master and (done % 10 == 0 or done == end):
+            rec = dict(step=done, kind="train", loss=float(np.mean(losses)), lr=lr_at(step, args), sec=time.time() - t0)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             write_log(rec)
             losses = []
         if master and (done % args.val_every == 0 or done == args.steps):
             scores = validate(done)
-            bar.write(f"step {done}: held-out AbsRel {scores['abs_rel']:.4f} δ1 {scores['delta1']:.4f}")
+            bar.write(f"step {done}: {task.describe(scores)}")
             write_log(dict(step=done, kind="val", **scores))
         if master and (done % args.save_every == 0 or done == end):
             save_run(args.out, unet, opt, ema, done, args, info)
@@ -414,17 +519,19 @@ def main(argv=None):
     if world > 1:
         check_ranks_agree(unet, log, write_log)
     if master:
-        final = [json.loads(l) for l in open(os.path.join(args.out, LOG_FILE)) if '"val"' in l][-1]
-        trivial = [json.loads(l) for l in open(os.path.join(args.out, LOG_FILE)) if '"trivial"' in l][-1]
-        before = [json.loads(l) for l in open(os.path.join(args.out, LOG_FILE)) if '"val"' in l][0]
-        log(f"\nheld-out depth ({len(heldout)} scenes, {args.val_steps} steps, alignment in {'log' if args.norm == 'log' else 'depth'} space):")
-        log(f"  {'':32s} AbsRel ↓   δ1 ↑")
-        for name, r in (("untouched prior", before), ("trivial baseline (mean depth map)", trivial), (f"finetuned ({args.objective})", final)):
-            log(f"  {name:32s} {r['abs_rel']:.4f}    {r['delta1']:.4f}")
-        log(f"wrote {os.path.join(args.out, LORA_FILE)} and previews; next: python sample.py --steps 2")
+        with open(os.path.join(args.out, LOG_FILE)) as f:
+            task.summary([json.loads(line) for line in f], log)
+        log(f"wrote {os.path.join(args.out, LORA_FILE)} and previews; next: python sample.py"
+            + (" --steps 2" if args.task == "depth" else f" --task t2i --run {args.out} --steps 2"))
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
+
+
+def copy_params(unet, tensors):
+    with torch.no_grad():
+        for n, p in trained_params(unet).items():
+            p.copy_(tensors[n])
 
 
 def check_ranks_agree(unet, log, write_log):
