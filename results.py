@@ -84,7 +84,7 @@ def alignment(n=32, step_counts=(4, 10, 50)):
 
 def depth_runs(steps):
     """name → train.py arguments. Equal steps everywhere; validation 4 times a run."""
-    common = ["--steps", str(steps), "--val-every", str(max(1, steps // 4)), "--save-every", str(steps),
+    common = ["--task", "depth", "--steps", str(steps), "--val-every", str(max(1, steps // 4)), "--save-every", str(steps),
               "--train-scenes", "800", "--val-steps", "4"]
     runs = {}
     for obj in OBJECTIVE_NAMES:
@@ -113,7 +113,7 @@ def run_once(name, args, steps):
         return
     resume = os.path.exists(os.path.join(out, train.STATE_FILE))
     print(f"\n=== {name} ({'resuming' if resume else 'new'}) ===")
-    train.main(["--task", "depth", "--out", out, *args, *(["--resume"] if resume else [])])
+    train.main(["--out", out, *args, *(["--resume"] if resume else [])])
 
 
 def depth(steps):
@@ -170,6 +170,34 @@ def plot_depth(res):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 3. Reflow
+
+REFLOW_PAIRS, REFLOW_MANY = 512, 40
+
+
+def reflow(steps):
+    """Pairs from the prior's own Diff2Flow ODE (40 Euler steps), 1-reflow on them, and the 2-step
+    result before and after, on noise the reflow never saw."""
+    import sample
+    folder, run = os.path.join(OUT, "pairs"), os.path.join(RUNS, "reflow")
+    prior = sample.load_run(None, train.TINY_PRIOR)
+    sample.save_pairs(prior, folder, [""], REFLOW_PAIRS, steps=REFLOW_MANY, cfg=1.0, shard_size=64, latent_hw=(24, 32))
+    run_once("reflow", ["--task", "reflow", "--pairs", folder, "--lora-rank", "0", "--lr", "1e-4", "--steps", str(steps),
+                        "--val-steps", "2", "--save-every", str(steps), "--batch-size", "16"], steps)
+    after = sample.load_run(run, train.TINY_PRIOR)
+    noise = torch.randn(64, 4, 24, 32, generator=torch.Generator().manual_seed(123456))   # held out
+    ctx = prior.context.expand(64, -1, -1)
+    res = {}
+    for name, m in (("before", prior), ("after", after)):
+        res[name] = sample.straightness(m.unet, m.vae, m.d2f, ctx, noise, "diff2flow",
+                                        few=2, many=REFLOW_MANY, preview=os.path.join(OUT, f"reflow_{name}.png"))
+        print(f"reflow {name}: 2-step vs {REFLOW_MANY}-step distance {res[name]['distance']:.4f}, spread "
+              f"{res[name]['spread']:.3f} ({REFLOW_MANY}-step {res[name]['spread_many']:.3f})")
+    save_json(res, "reflow.json")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
 
 def markdown(alignment_rows=None, depth_res=None, reflow_res=None):
     lines = []
@@ -202,7 +230,7 @@ def markdown(alignment_rows=None, depth_res=None, reflow_res=None):
             lines.append(f"| LoRA rank 4, diffusion + Euler on the mapped grid ({run}) | {s['abs_rel']:.3f} | {s['delta1']:.3f} |")
         lines.append("")
     if reflow_res:
-        lines += ["| 2 Euler steps | distance to the 40-step sample ↓ | sample spread | 40-step spread |", "|---|---|---|---|"]
+        lines += [f"| 2 Euler steps | distance to the {REFLOW_MANY}-step sample ↓ | sample spread | {REFLOW_MANY}-step spread |", "|---|---|---|---|"]
         for k in ("before", "after"):
             r = reflow_res[k]
             lines.append(f"| {k} reflow | {r['distance']:.4f} | {r['spread']:.4f} | {r['spread_many']:.4f} |")
@@ -213,6 +241,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", default="all", choices=["all", "alignment", "depth", "reflow"])
     p.add_argument("--steps", default=300, type=int, help="training steps of each depth run")
+    p.add_argument("--reflow-steps", default=400, type=int, help="training steps of the reflow run")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     found = {}
@@ -221,8 +250,7 @@ def main(argv=None):
     if args.part in ("all", "depth"):
         found["depth_res"] = depth(args.steps)
     if args.part in ("all", "reflow"):
-        import reflow_results
-        found["reflow_res"] = reflow_results.run()
+        found["reflow_res"] = reflow(args.reflow_steps)
     with open(os.path.join(OUT, "RESULTS.md"), "w") as f:
         f.write(markdown(**found))
     print(markdown(**found))
