@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", default=1e-3, type=float)
     p.add_argument("--kl-weight", default=1e-6, type=float, help="LDM's KL weight, relative to a per-pixel summed L1")
     p.add_argument("--unet-steps", default=5000, type=int)
+    p.add_argument("--unet-stop", default=None, type=int, help="end the UNet stage after this step (the LR "
+                   "schedule still spans --unet-steps) and write the checkpoint from its EMA weights")
     p.add_argument("--unet-batch", default=32, type=int)
     p.add_argument("--unet-lr", default=5e-4, type=float)
     p.add_argument("--ema", default=0.999, type=float, help="EMA decay of the UNet weights (0: no EMA)")
@@ -287,7 +289,8 @@ def train_unet(args, latents, context, work):
     model = conditioned(unet, context.expand(args.unet_batch, -1, -1))
     unet.train()
     t0, ema_loss = time.time() - elapsed, None
-    bar = tqdm(range(step, args.unet_steps), desc="unet", mininterval=10, initial=step, total=args.unet_steps)
+    stop = min(args.unet_steps, args.unet_stop or args.unet_steps)
+    bar = tqdm(range(step, stop), desc="unet", mininterval=10, initial=step, total=args.unet_steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, args.unet_steps, args.unet_lr, args.warmup)
@@ -303,13 +306,13 @@ def train_unet(args, latents, context, work):
                 pe.lerp_(p, 1 - decay)
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
-        done = step + 1 == args.unet_steps
+        done = step + 1 == stop
         if (step + 1) % args.save_every == 0 or done:
             log.append(dict(step=step + 1, loss=ema_loss, seconds=time.time() - t0))
             tqdm.write(f"unet step {step + 1}: loss {ema_loss:.4f} ({time.time() - t0:.0f} s)")
             atomic_torch_save(dict(key=key, model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                                    rng=torch.get_rng_state(), step=step + 1, elapsed=time.time() - t0, log=log), path)
-    elapsed = ck["elapsed"] if ck is not None and ck["step"] >= args.unet_steps else time.time() - t0
+    elapsed = ck["elapsed"] if ck is not None and ck["step"] >= stop else time.time() - t0
     return (ema if args.ema > 0 else unet).eval(), elapsed, log
 
 
