@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import scenes
 
 # -----------------------------------------------------------------------------
 # renderer
@@ -18,7 +19,7 @@ def make_scene(planes=(), spheres=(), boxes=(), quads=(), pos=(0.0, 0.0, 0.0), y
                hfov_deg=60.0):
     """A hand-made scene description in render()'s format: a closed 'room' kind, so no sky."""
     rng = np.random.default_rng(0)
-    mat = data._material(rng)
+    mat = scenes._material(rng)
     return dict(kind="room", focal_frac=0.5 / math.tan(math.radians(hfov_deg) / 2),
                 planes=[dict(n=np.array(n, float), c=c, material=mat) for n, c in planes],
                 spheres=[dict(c=np.array(c, float), r=r, material=mat) for c, r in spheres],
