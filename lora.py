@@ -79,7 +79,9 @@ class LoRALayer:
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_down.weight.dtype)  # e.g. a bf16 base without autocast: branch in fp32
         h = self.lora_down(self.lora_dropout(x))  # (..., r) or (B, r, H', W')
-        return y + (self.scale * self.lora_up(h)).to(y.dtype)
+        # in place, scale folded in: y is a fresh tensor the base layer does not keep for backward,
+        # so this saves a full-size temporary and an elementwise pass per layer (bench.py: 2-6% per step)
+        return y.add_(self.lora_up(h), alpha=self.scale)
 
     def delta_weight(self):
         """(alpha/r) * up @ down, shaped like W, in float64. For a conv the 1x1 up conv mixes the

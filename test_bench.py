@@ -150,24 +150,25 @@ def test_unet_with_lora_compiles_without_graph_breaks(attn_fp32, use_checkpoint,
     assert explanation.graph_count == 1
 
 
-def test_interleaved_alternates_and_takes_medians():
+def test_interleaved_alternates_and_takes_medians(monkeypatch):
     calls = []
-    seq = iter([5.0, 1.0, 2.0, 9.0, 3.0, 4.0])  # fake durations, consumed by the fns in call order
-    fake_clock = {"t": 0.0}
-    real = bench.time.perf_counter
-    bench.time.perf_counter = lambda: fake_clock["t"]
-    try:
-        def fn(name):
-            def run():
-                calls.append(name)
-                fake_clock["t"] += next(seq)
-            return run
-        med, times = bench.interleaved({"a": fn("a"), "b": fn("b")}, repeats=3, warmup=0, sync=lambda: None)
-    finally:
-        bench.time.perf_counter = real
+    walls = iter([5.0, 1.0, 2.0, 9.0, 3.0, 4.0])  # fake durations, consumed by the fns in call order
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(bench.time, "process_time", lambda: clock["cpu"])
+
+    def fn(name):
+        def run():
+            calls.append(name)
+            dt = next(walls)
+            clock["wall"] += dt
+            clock["cpu"] += dt / 2  # half the time on the CPU, the rest waiting
+        return run
+    med = bench.interleaved({"a": fn("a"), "b": fn("b")}, repeats=3, warmup=0, sync=lambda: None)
     assert calls == ["a", "b", "b", "a", "a", "b"]
-    assert times == {"a": [5.0, 9.0, 3.0], "b": [1.0, 2.0, 4.0]}
-    assert med == {"a": 5.0, "b": 2.0}
+    assert med["a"]["all"] == [5.0, 9.0, 3.0] and med["b"]["all"] == [1.0, 2.0, 4.0]
+    assert (med["a"]["wall"], med["b"]["wall"]) == (5.0, 2.0)
+    assert (med["a"]["cpu"], med["b"]["cpu"]) == (2.5, 1.0)
 
 
 def test_sd21_needs_a_gpu(capsys):
