@@ -12,7 +12,6 @@ for a log-normalised model, linear for an affine one: the files say which), `<na
 """
 import argparse
 import glob
-import json
 import os
 import sys
 

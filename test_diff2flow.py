@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diff2flow import Diff2Flow, conditioned, euler
-from schedule import T, Schedule, data_and_noise, ddim_sample, prediction_target, sd_alphas_cumprod, trailing_taus
+from schedule import T, Schedule, ddim_sample, prediction_target, sd_alphas_cumprod, trailing_taus
 
 torch.set_default_dtype(torch.float32)
 SETTINGS = [("v", False), ("v", True), ("eps", False), ("x0", False), ("x0", True)]

@@ -19,11 +19,10 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import data
@@ -381,13 +380,10 @@ def save_run(out, unet, opt, ema, step, args, info):
                 **{"diff2flow.base_checkpoint": os.path.basename(info["ckpt"]), "diff2flow.norm": args.norm,
                    "diff2flow.family": info["family"], "diff2flow.step": str(step),
                    "diff2flow.res_long_edge": str(max(info["res"]))})
-    live = {n: p.detach().clone() for n, p in trained_params(unet).items()}
-    if ema is not None:                                 # the saved weights are the EMA weights
-        copy_params(unet, ema)
-    save_lora(os.path.join(out, LORA_FILE), unet, meta)
-    if ema is not None:
-        copy_params(unet, live)
-    state = dict(step=step, opt=opt.state_dict(), live={n: t.cpu() for n, t in live.items()},
+    with ema_weights(unet, ema):                        # the saved LoRA holds the EMA weights
+        save_lora(os.path.join(out, LORA_FILE), unet, meta)
+    live = {n: p.detach().cpu() for n, p in trained_params(unet).items()}
+    state = dict(step=step, opt=opt.state_dict(), live=live,
                  ema=None if ema is None else {n: t.cpu() for n, t in ema.items()}, args=vars(args), info=info)
     atomic_torch_save(state, os.path.join(out, STATE_FILE))
 
@@ -455,12 +451,8 @@ def main(argv=None):
     def validate(step):
         """Validation runs on the EMA weights when there are any."""
         unet.eval()
-        live = {n: p.detach().clone() for n, p in trained_params(unet).items()} if ema is not None else None
-        if ema is not None:
-            copy_params(unet, ema)
-        scores = task.validate(unet, step)
-        if live is not None:
-            copy_params(unet, live)
+        with ema_weights(unet, ema):
+            scores = task.validate(unet, step)
         unet.train()
         return scores
 
@@ -527,6 +519,20 @@ def main(argv=None):
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
+
+
+@contextmanager
+def ema_weights(unet, ema):
+    """Run a block with the EMA weights in place of the live ones (nothing to do without EMA)."""
+    if ema is None:
+        yield
+        return
+    live = {n: p.detach().clone() for n, p in trained_params(unet).items()}
+    copy_params(unet, ema)
+    try:
+        yield
+    finally:
+        copy_params(unet, live)
 
 
 def copy_params(unet, tensors):
