@@ -31,6 +31,7 @@ from unet import widen_input_conv
 RUNS = "runs"
 LORA_FILE = "lora.safetensors"
 EVAL_SETS = ("nyu", "kitti", "eth3d", "scannet", "diode")
+PREVIEW_SAMPLES = 8        # samples in a straightness preview image
 DEFAULT_SPLITS = {"nyu": "nyu_test.txt", "kitti": "kitti_test.txt", "eth3d": "eth3d_test.txt",
                   "scannet": "scannet_test.txt", "diode": "diode_test.txt"}
 # ColorBrewer "Spectral" (11 classes), red → blue: near depth warm, far depth cool, as Marigold shows it.
@@ -249,8 +250,8 @@ def straightness(unet, vae, d2f, context, noise, objective="diff2flow", few=2, m
     x_many = generate(unet, d2f, context, noise, many, objective)
     res = dict(distance=float(((x_few - x_many) ** 2).mean()), spread=float(x_few.std(0).mean()),
                spread_many=float(x_many.std(0).mean()))
-    if preview:
-        rows = [torch.cat(list(vae.decode(x).clamp(-1, 1).cpu()), dim=2) for x in (x_few, x_many)]   # (3, h, n·w)
+    if preview:   # the first PREVIEW_SAMPLES: few steps above, many steps below
+        rows = [torch.cat(list(vae.decode(x[:PREVIEW_SAMPLES]).clamp(-1, 1).cpu()), dim=2) for x in (x_few, x_many)]
         save_png(preview, rgb_to_uint8(torch.cat(rows, dim=1)))
     return res
 
