@@ -1,7 +1,7 @@
 """
 Regenerate the README's results on the bundled tiny prior: the paper's claims in miniature, on a CPU.
 
-    python results.py                  # about an hour on 2 CPU cores; run it again to continue
+    python results.py                  # about 45 minutes on 2 CPU cores; run it again to continue
     python results.py --part depth     # one part: alignment | depth | reflow
 
 Finished runs are kept under results/runs/ and skipped; an interrupted one resumes from its last
@@ -240,7 +240,7 @@ def markdown(alignment_rows=None, depth_res=None, reflow_res=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", default="all", choices=["all", "alignment", "depth", "reflow"])
-    p.add_argument("--steps", default=300, type=int, help="training steps of each depth run")
+    p.add_argument("--steps", default=500, type=int, help="training steps of each depth run")
     p.add_argument("--reflow-steps", default=400, type=int, help="training steps of the reflow run")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
