@@ -91,12 +91,12 @@ class LoRALayer:
         return (self.scale * (up @ down)).view(self.weight.shape)
 
     @torch.no_grad()
-    def merge(self):
-        """W <- W + dW; the branch is then skipped. Keeps a copy of W (one extra copy of this
-        layer's weight in memory) so that unmerge is exact."""
+    def merge(self, keep_copy=True):
+        """W <- W + dW; the branch is then skipped. keep_copy keeps a copy of W (one extra copy of
+        this layer's weight in memory) so that unmerge is exact; inference can do without it."""
         if self.merged:
             return
-        self.weight_before_merge = self.weight.detach().clone()
+        self.weight_before_merge = self.weight.detach().clone() if keep_copy else None
         self.weight.copy_((self.weight.double() + self.delta_weight()).to(self.weight.dtype))
         self.merged = True
 
@@ -104,6 +104,9 @@ class LoRALayer:
     def unmerge(self):
         if not self.merged:
             return
+        if self.weight_before_merge is None:
+            raise RuntimeError("this LoRA was merged with keep_copy=False (for inference) and cannot be "
+                               "unmerged: load the base model and the LoRA again")
         self.weight.copy_(self.weight_before_merge)
         self.weight_before_merge = None
         self.merged = False
@@ -249,11 +252,12 @@ def inject_lora(model, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, f
     return names
 
 
-def merge_lora(model):
+def merge_lora(model, keep_copy=True):
     """Fold every LoRA update into its base weight (W <- W + (alpha/r) up down). Exactly undone by
-    unmerge_lora. While merged the LoRA branches are skipped: use it for inference or export."""
+    unmerge_lora (unless keep_copy=False, which saves a copy of every merged weight). While merged
+    the LoRA branches are skipped: use it for inference or export."""
     for _, m in lora_layers(model):
-        m.merge()
+        m.merge(keep_copy)
 
 
 def unmerge_lora(model):

@@ -296,6 +296,21 @@ def test_merge_unmerge_exact():
     assert torch.equal(model(x, emb, ctx), out)
 
 
+def test_merge_without_copy_for_inference():
+    # sample.py merges without keeping copies: the same weights as a kept-copy merge, and unmerging
+    # it is refused with a clear error instead of silently leaving the LoRA in
+    model = tiny()
+    inject_lora(model, 3, alpha=5.0, targets=tuple(lora.TARGETS))
+    randomize_lora(model, 1)
+    twin = copy.deepcopy(model)
+    merge_lora(model, keep_copy=False)
+    merge_lora(twin)
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(m.weight_before_merge is None for _, m in lora_layers(model))
+    with pytest.raises(RuntimeError, match="keep_copy=False"):
+        unmerge_lora(model)
+
+
 def test_lora_stays_fp32_under_bf16():
     # bf16 autocast on an fp32 base
     model = tiny()
