@@ -254,8 +254,8 @@ def inject_lora(model, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, f
 
 def merge_lora(model, keep_copy=True):
     """Fold every LoRA update into its base weight (W <- W + (alpha/r) up down). Exactly undone by
-    unmerge_lora (unless keep_copy=False, which saves a copy of every merged weight). While merged
-    the LoRA branches are skipped: use it for inference or export."""
+    unmerge_lora, unless keep_copy=False (no copy of the weights is kept: less memory, no unmerge).
+    While merged the LoRA branches are skipped: use it for inference or export."""
     for _, m in lora_layers(model):
         m.merge(keep_copy)
 
