@@ -215,6 +215,28 @@ def euler(velocity, x, t_start, steps, progress=False):
     return x
 
 
+def multires_noise(shape, strength, generator=None):
+    """Multi-resolution ("pyramid") Gaussian noise, the source Marigold trains its depth model from:
+    white noise plus bilinearly upsampled white noise at 1/2, 1/4, ... of the size, level i weighted
+    strength**i, each sample scaled to unit variance. strength = 0 is plain white noise.
+
+    Why: with white noise the coarse layout of x1 shows through x_t = t·x1 + (1 - t)·x0 already at small
+    t (averaging a k×k block shrinks white noise k-fold, not the layout), so the network can read the
+    layout from x_t instead of learning to read it from the image; only t near 0 teaches that.
+    Low-frequency noise hides the layout longer. Marigold draws the factor per level from [2, 4] and
+    anneals the strength with τ; here the factor is 2 and the strength fixed, so the source is one
+    fixed Gaussian and training and Euler sampling start from the same distribution.
+    """
+    b, c, h, w = shape
+    noise = torch.randn(shape, generator=generator)
+    level = 1
+    while strength > 0 and h >> level >= 1 and w >> level >= 1:
+        coarse = torch.randn((b, c, h >> level, w >> level), generator=generator)
+        noise = noise + strength ** level * torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        level += 1
+    return noise / noise.flatten(1).std(1).view(b, 1, 1, 1) if strength > 0 else noise
+
+
 def conditioned(net, context, concat=None, uncond_context=None, cfg_scale=1.0):
     """Bind a UNet net(x, timesteps, context) to its conditioning, giving model(x, timesteps).
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import data
 import data_t2i
 from checkpoint import load_sd_checkpoint
-from diff2flow import Diff2Flow, conditioned
+from diff2flow import Diff2Flow, conditioned, multires_noise
 from lora import load_lora, merge_lora, read_metadata
 from unet import widen_input_conv
 
@@ -43,17 +43,18 @@ SPECTRAL = np.array([[158, 1, 66], [213, 62, 79], [244, 109, 67], [253, 174, 97]
 # Prediction
 
 @torch.no_grad()
-def predict_depth(unet, vae, d2f, context, rgb, objective="diff2flow", steps=4, ensemble=1, seed=0):
+def predict_depth(unet, vae, d2f, context, rgb, objective="diff2flow", steps=4, ensemble=1, seed=0, multires=0.0):
     """rgb (B, 3, H, W) in [-1, 1] → normalised depth (B, 1, H, W) in [-1, 1] and its spread (B, 1, H, W).
 
     Each of the `ensemble` members starts from its own noise; members agree only up to scale and shift
     (the model predicts relative depth), so they are aligned to each other and merged by the median.
+    multires: the multi-resolution noise strength the model was trained with (its run's metadata).
     """
     B = rgb.shape[0]
     img = vae.encode(rgb)                                      # (B, c, h, w)
     img = img.repeat(ensemble, 1, 1, 1)                        # members of image b at b, b + B, ...
     g = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(img.shape, generator=g).to(img.device, img.dtype)
+    noise = multires_noise(img.shape, multires, g).to(img.device, img.dtype)
     model = conditioned(unet, context.expand(img.shape[0], -1, -1), concat=img)
     latent = d2f.sample(model, noise, steps, objective)
     depth = vae.decode(latent).mean(1, keepdim=True).clamp(-1, 1)   # 3 channels back to one
@@ -99,12 +100,12 @@ def evaluate(predict, dataset, kind="rendered", space="log", batch=8, n=None, de
     return {k: float(np.mean([s[k] for s in scores])) for k in ("abs_rel", "delta1")}
 
 
-def evaluate_heldout(unet, vae, d2f, context, dataset, objective, steps, norm="log", preview=None, ensemble=1):
+def evaluate_heldout(unet, vae, d2f, context, dataset, objective, steps, norm="log", preview=None, ensemble=1, multires=0.0):
     """Held-out AbsRel/δ1 of the model (train.py's validation), and a preview PNG: input | truth | prediction."""
     device = next(unet.parameters()).device
 
     def predict(rgb):
-        return predict_depth(unet, vae, d2f, context, rgb.to(device), objective, steps, ensemble)[0]
+        return predict_depth(unet, vae, d2f, context, rgb.to(device), objective, steps, ensemble, multires=multires)[0]
 
     scores = evaluate(predict, dataset, space=alignment_space(norm), desc="validate")
     if preview:
@@ -450,7 +451,8 @@ def main_depth(args, p):
     def predict(rgb):   # (B, 3, H, W) at any size → (B, 1, H, W) at that size
         size = processing_size(*rgb.shape[-2:], long_edge, multiple)
         x = F.interpolate(rgb, size=size, mode="bilinear", antialias=True, align_corners=False) if size != tuple(rgb.shape[-2:]) else rgb
-        pred, spread = predict_depth(unet, vae, d2f, context, x.to(args.device), objective, args.steps, args.ensemble, args.seed)
+        pred, spread = predict_depth(unet, vae, d2f, context, x.to(args.device), objective, args.steps, args.ensemble,
+                                     args.seed, multires=float(meta.get("diff2flow.multires_noise", 0)))
         back = lambda t: F.interpolate(t, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
         return back(pred), back(spread)
 

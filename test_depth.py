@@ -170,3 +170,24 @@ def test_finetuning_the_tiny_prior_learns_depth(tmp_path):
     after = score(m, m.unet)
     print(f"training scenes AbsRel: untouched prior {before['abs_rel']:.3f}, after 300 steps {after['abs_rel']:.3f}")
     assert after["abs_rel"] < before["abs_rel"] - 0.02
+
+
+def test_multires_noise_trains_and_samples_from_the_same_source(tiny_ckpt, tmp_path, monkeypatch):
+    run = str(tmp_path / "multires")
+    seen = []
+    real = sample.multires_noise
+
+    def spy(shape, strength, generator=None):
+        seen.append(strength)
+        return real(shape, strength, generator)
+
+    monkeypatch.setattr(train, "multires_noise", spy)
+    train.main(["--ckpt", tiny_ckpt, "--steps", "2", "--multires-noise", "0.9", "--out", run, *FAST])
+    assert seen.count(0.9) == 2                              # one draw per training step
+    assert sample.read_metadata(os.path.join(run, train.LORA_FILE))["diff2flow.multires_noise"] == "0.9"
+    seen.clear()
+    monkeypatch.setattr(sample, "multires_noise", spy)
+    sample.main(["--run", run, "--ckpt", tiny_ckpt, "--num", "2", "--steps", "1", "--out", str(tmp_path / "out")])
+    assert seen and set(seen) == {0.9}                       # sampling starts from what training used
+    with pytest.raises(SystemExit):
+        train.parse_args(["--task", "t2i", "--data", str(tmp_path), "--multires-noise", "0.9"])

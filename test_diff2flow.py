@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diff2flow import Diff2Flow, conditioned, euler
+from diff2flow import Diff2Flow, conditioned, euler, multires_noise
 from schedule import T, Schedule, ddim_sample, prediction_target, sd_alphas_cumprod, trailing_taus
 
 torch.set_default_dtype(torch.float32)
@@ -321,3 +321,17 @@ def test_euler_integrates_linear_ode_to_first_order():
     x = torch.ones(1, dtype=torch.float64)
     err = [abs(euler(lambda x, t: x, x, 0.0, n).item() - torch.e) for n in (10, 100)]
     assert 8 < err[0] / err[1] < 11
+
+
+def test_multires_noise_is_unit_variance_with_more_coarse_energy():
+    shape = (64, 4, 24, 32)
+    white = multires_noise(shape, 0.0, torch.Generator().manual_seed(3))
+    assert torch.equal(white, torch.randn(shape, generator=torch.Generator().manual_seed(3)))   # 0 = the plain draw
+    pyr = multires_noise(shape, 0.9, torch.Generator().manual_seed(3))
+    assert torch.equal(pyr, multires_noise(shape, 0.9, torch.Generator().manual_seed(3)))     # deterministic
+    assert torch.allclose(pyr.flatten(1).std(1), torch.ones(64), atol=1e-5)
+    # 8x8 block means: white noise keeps 1/64 of its variance there; the pyramid keeps several times more
+    coarse = lambda x: torch.nn.functional.avg_pool2d(x, 8).var().item()
+    assert abs(coarse(white) - 1 / 64) < 0.004
+    assert coarse(pyr) > 5 * coarse(white)
+    assert abs(pyr.mean().item()) < 0.05

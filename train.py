@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import data
 import data_t2i
 from checkpoint import load_sd_checkpoint
-from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned
+from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned, multires_noise
 from lora import CONV_IN, CONV_OUT, inject_lora, load_lora, lora_metadata, merge_lora, save_lora
 from unet import widen_input_conv
 
@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default=None, help="reflow: folder of (noise, latent, caption) shards")
     p.add_argument("--init-lora", default=None, help="merge this LoRA into the prior first (reflow a finetuned model)")
     p.add_argument("--val-prompts", default=None, help="t2i/reflow: prompt file or prompt for the preview images")
+    p.add_argument("--multires-noise", default=0.0, type=float, help="depth: Marigold's multi-resolution noise as "
+                   "the source, this strength per level (0.9 as Marigold; 0 = white noise, the method as written)")
     p.add_argument("--norm", default="log", choices=["log", "affine"], help="depth normalisation (log 1/99%% or affine 2/98%%)")
     p.add_argument("--val-every", default=None, type=int, help="steps between validations (default: steps // 4)")
     p.add_argument("--val-steps", default=4, type=int, help="Euler (or DDIM) steps at validation")
@@ -98,6 +100,8 @@ def parse_args(argv=None):
     unknown = set(args.diffusion_changes) - set(DIFFUSION_CHANGES)
     if unknown:
         p.error(f"unknown diffusion change(s) {sorted(unknown)}: use any of {DIFFUSION_CHANGES}")
+    if args.multires_noise < 0 or (args.multires_noise > 0 and args.task != "depth"):
+        p.error(f"--multires-noise {args.multires_noise}: a strength >= 0, for --task depth only")
     args.out = args.out or os.path.join("runs", args.task)
     if args.task == "t2i" and not args.data:
         p.error("--task t2i needs --data (an image folder with captions)")
@@ -261,7 +265,10 @@ class DepthTask:
         else:
             idx = torch.randint(len(self.train_set), (self.args.batch_size,), generator=g).tolist()
             img, dep, mask = encode_depth_items(self.vae, [self.train_set[i] for i in idx], self.args.norm, self.device)
-        return dict(x1=dep, concat=img, mask=mask, noise=None, context=self.context.expand(len(img), -1, -1))
+        noise = None
+        if self.args.multires_noise > 0:   # drawn from g too: a resumed run repeats it
+            noise = multires_noise(dep.shape, self.args.multires_noise, g).to(dep.device, dep.dtype)
+        return dict(x1=dep, concat=img, mask=mask, noise=noise, context=self.context.expand(len(img), -1, -1))
 
     def baseline(self):
         import sample
@@ -270,7 +277,7 @@ class DepthTask:
     def validate(self, unet, step):
         import sample
         return sample.evaluate_heldout(unet, self.vae, self.d2f, self.context, self.heldout, self.args.objective,
-                                       self.args.val_steps, norm=self.args.norm,
+                                       self.args.val_steps, norm=self.args.norm, multires=self.args.multires_noise,
                                        preview=os.path.join(self.args.out, f"preview_{step:06d}.png"))
 
     @staticmethod
@@ -378,6 +385,7 @@ def save_run(out, unet, opt, ema, step, args, info):
     meta = dict(lora_metadata(info["family"] if info["family"] in ("sd1", "sd2") else "sd2", info["prediction"],
                               task=args.task, objective=args.objective, zero_snr=info["zero_snr"]),
                 **{"diff2flow.base_checkpoint": os.path.basename(info["ckpt"]), "diff2flow.norm": args.norm,
+                   "diff2flow.multires_noise": str(args.multires_noise),
                    "diff2flow.family": info["family"], "diff2flow.step": str(step),
                    "diff2flow.res_long_edge": str(max(info["res"]))})
     with ema_weights(unet, ema):                        # the saved LoRA holds the EMA weights
