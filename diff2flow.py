@@ -229,12 +229,14 @@ def multires_noise(shape, strength, generator=None):
     """
     b, c, h, w = shape
     noise = torch.randn(shape, generator=generator)
+    if strength <= 0:
+        return noise
     level = 1
-    while strength > 0 and h >> level >= 1 and w >> level >= 1:
+    while h >> level >= 1 and w >> level >= 1:
         coarse = torch.randn((b, c, h >> level, w >> level), generator=generator)
         noise = noise + strength ** level * torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
         level += 1
-    return noise / noise.flatten(1).std(1).view(b, 1, 1, 1) if strength > 0 else noise
+    return noise / noise.flatten(1).std(1).view(b, 1, 1, 1)
 
 
 def conditioned(net, context, concat=None, uncond_context=None, cfg_scale=1.0):
