@@ -85,7 +85,8 @@ def alignment(n=32, step_counts=(4, 10, 50)):
 def depth_runs(steps):
     """name → train.py arguments. Equal steps everywhere; validation 4 times a run."""
     common = ["--task", "depth", "--steps", str(steps), "--val-every", str(max(1, steps // 4)), "--save-every", str(steps),
-              "--train-scenes", "800", "--val-steps", "4"]
+              "--train-scenes", "800", "--val-steps", "4",
+              "--multires-noise", "0"]     # white noise, the method as written (the demo's default is 0.9)
     runs = {}
     for obj in OBJECTIVE_NAMES:
         for seed in LORA_SEEDS:

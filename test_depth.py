@@ -148,28 +148,26 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("error:") and "missing.safetensors" in out.stderr
 
 
-def test_finetuning_the_tiny_prior_learns_depth(tmp_path):
-    """End to end on the bundled tiny prior and rendered scenes: depth error drops on the scenes it trained on.
-
-    Held-out improvement needs thousands of steps on this prior (see the README's results), more than a
-    test can spend; what a test can show is that the loop, the conditioning and the sampler learn.
-    """
+def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
+    """End to end on the bundled tiny prior: AbsRel on 256 held-out scenes (never trained on) drops below
+    the untouched prior's after a short full finetune from multi-resolution noise (the demo's source;
+    the README's depth section says why white noise does not learn held-out depth on this prior)."""
     import data
-    run = str(tmp_path / "tiny")
-    train.main(["--ckpt", train.TINY_PRIOR, "--steps", "300", "--batch-size", "8", "--lora-rank", "0", "--lr", "5e-4",
-                "--decay", "none", "--train-scenes", "16", "--val-every", "1000", "--out", run])
-    m = sample.load_run(run, train.TINY_PRIOR)
-    prior = sample.load_run(None, train.TINY_PRIOR)
-    scenes = data.RenderedDepthDataset.split("train", 16, 96, 128)
-
-    def score(loaded, unet):
-        return sample.evaluate(lambda rgb: sample.predict_depth(unet, loaded.vae, m.d2f, loaded.context, rgb)[0], scenes)
-
     from unet import widen_input_conv
-    before = score(prior, widen_input_conv(prior.unet, 8))     # the untouched prior, as training starts
-    after = score(m, m.unet)
-    print(f"training scenes AbsRel: untouched prior {before['abs_rel']:.3f}, after 300 steps {after['abs_rel']:.3f}")
-    assert after["abs_rel"] < before["abs_rel"] - 0.02
+    run = str(tmp_path / "tiny")
+    train.main(["--ckpt", train.TINY_PRIOR, "--steps", "600", "--lora-rank", "0", "--lr", "3e-4",
+                "--multires-noise", "0.9", "--train-scenes", "1000", "--val-steps", "1", "--val-every", "1000",
+                "--out", run])
+    m, prior = sample.load_run(run, train.TINY_PRIOR), sample.load_run(None, train.TINY_PRIOR)
+    heldout = data.RenderedDepthDataset.split("heldout", 256, 96, 128)
+
+    def score(loaded, unet):   # one Euler step from the same noise: the model's E[depth | image]
+        return sample.evaluate(lambda rgb: sample.predict_depth(unet, loaded.vae, m.d2f, loaded.context, rgb, steps=1,
+                                                                multires=0.9)[0], heldout)["abs_rel"]
+
+    before, after = score(prior, widen_input_conv(prior.unet, 8)), score(m, m.unet)
+    print(f"held-out AbsRel (256 scenes): untouched prior {before:.4f}, after 600 steps {after:.4f}")
+    assert after < before - 0.005          # measured: 0.355 -> 0.342
 
 
 def test_multires_noise_trains_and_samples_from_the_same_source(tiny_ckpt, tmp_path, monkeypatch):
@@ -191,3 +189,6 @@ def test_multires_noise_trains_and_samples_from_the_same_source(tiny_ckpt, tmp_p
     assert seen and set(seen) == {0.9}                       # sampling starts from what training used
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "t2i", "--data", str(tmp_path), "--multires-noise", "0.9"])
+    default = str(tmp_path / "default")                   # no flag: the tiny prior's default, recorded
+    train.main(["--ckpt", tiny_ckpt, "--steps", "1", "--out", default, *FAST])
+    assert sample.read_metadata(os.path.join(default, train.LORA_FILE))["diff2flow.multires_noise"] == "0.9"

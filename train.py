@@ -77,8 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default=None, help="reflow: folder of (noise, latent, caption) shards")
     p.add_argument("--init-lora", default=None, help="merge this LoRA into the prior first (reflow a finetuned model)")
     p.add_argument("--val-prompts", default=None, help="t2i/reflow: prompt file or prompt for the preview images")
-    p.add_argument("--multires-noise", default=0.0, type=float, help="depth: Marigold's multi-resolution noise as "
-                   "the source, this strength per level (0.9 as Marigold; 0 = white noise, the method as written)")
+    p.add_argument("--multires-noise", default=None, type=float, help="depth: Marigold's multi-resolution noise as "
+                   "the source, this strength per level (0 = white noise, the method as written; default 0.9 on "
+                   "the tiny prior, where white noise does not learn held-out depth, 0 on SD)")
     p.add_argument("--norm", default="log", choices=["log", "affine"], help="depth normalisation (log 1/99%% or affine 2/98%%)")
     p.add_argument("--val-every", default=None, type=int, help="steps between validations (default: steps // 4)")
     p.add_argument("--val-steps", default=4, type=int, help="Euler (or DDIM) steps at validation")
@@ -100,7 +101,7 @@ def parse_args(argv=None):
     unknown = set(args.diffusion_changes) - set(DIFFUSION_CHANGES)
     if unknown:
         p.error(f"unknown diffusion change(s) {sorted(unknown)}: use any of {DIFFUSION_CHANGES}")
-    if args.multires_noise < 0 or (args.multires_noise > 0 and args.task != "depth"):
+    if args.multires_noise is not None and (args.multires_noise < 0 or (args.multires_noise > 0 and args.task != "depth")):
         p.error(f"--multires-noise {args.multires_noise}: a strength >= 0, for --task depth only")
     args.out = args.out or os.path.join("runs", args.task)
     if args.task == "t2i" and not args.data:
@@ -422,6 +423,11 @@ def main(argv=None):
     args.batch_size = args.batch_size or (8 if tiny else 2)
     args.lr = args.lr or (3e-5 if args.lora_rank == 0 else (1e-3 if tiny else 1e-4))
     args.val_every = args.val_every or max(1, args.steps // 4)
+    if args.multires_noise is None:
+        args.multires_noise = 0.9 if tiny and args.task == "depth" else 0.0
+        if args.multires_noise:
+            log(f"source: multi-resolution noise {args.multires_noise} (the tiny demo's default: from white noise "
+                f"this prior learns no held-out depth, see README; --multires-noise 0 for the method as written)")
     for m in (unet, vae, text_encoder):
         if m is not None:
             m.to(device)
