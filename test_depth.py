@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import sample
 import train
 from checkpoint import save_sd_checkpoint
-from unet import UNetConfig, UNetModel
+from unet import UNetConfig, UNetModel, widen_input_conv
 from vae import AutoencoderKL, VAEConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -153,7 +153,6 @@ def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
     the untouched prior's after a short full finetune from multi-resolution noise (the demo's source;
     the README's depth section says why white noise does not learn held-out depth on this prior)."""
     import data
-    from unet import widen_input_conv
     run = str(tmp_path / "tiny")
     train.main(["--ckpt", train.TINY_PRIOR, "--steps", "600", "--lora-rank", "0", "--lr", "3e-4",
                 "--multires-noise", "0.9", "--train-scenes", "1000", "--val-steps", "1", "--val-every", "1000",
