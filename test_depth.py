@@ -159,10 +159,11 @@ def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
                 "--out", run])
     m, prior = sample.load_run(run, train.TINY_PRIOR), sample.load_run(None, train.TINY_PRIOR)
     heldout = data.RenderedDepthDataset.split("heldout", 256, 96, 128)
+    source = float(m.meta["diff2flow.multires_noise"])      # the strength the run recorded
 
     def score(loaded, unet):   # one Euler step from the same noise: the model's E[depth | image]
         return sample.evaluate(lambda rgb: sample.predict_depth(unet, loaded.vae, m.d2f, loaded.context, rgb, steps=1,
-                                                                multires=0.9)[0], heldout)["abs_rel"]
+                                                                multires=source)[0], heldout)["abs_rel"]
 
     before, after = score(prior, widen_input_conv(prior.unet, 8)), score(m, m.unet)
     print(f"held-out AbsRel (256 scenes): untouched prior {before:.4f}, after 600 steps {after:.4f}")
