@@ -253,13 +253,15 @@ def test_zero_init_identical_and_only_lora_moves():
     assert not torch.equal(model(x, emb, ctx), ref)
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("conv", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1),
                                   dict(kernel_size=3, padding=1)])
-def test_conv_lora_matches_closed_form(conv):
-    """Stride-2 downsampling, 1x1 and 3x3 convs: the LoRA layer equals one conv with
-    W + (alpha/r) up @ down (the composition of a k x k and a 1 x 1 conv is a k x k conv)."""
+def test_conv_lora_matches_closed_form(conv, fold):
+    """Stride-2 downsampling, 1x1 and 3x3 convs, both forms of the forward pass: the LoRA layer equals
+    one conv with W + (alpha/r) up @ down (the composition of a k x k and a 1 x 1 conv is a k x k conv)."""
     base = randomize(nn.Conv2d(6, 10, **conv), 1)
     layer = LoRAConv2d(base, rank=4, alpha=3.0)
+    layer.fold = fold
     randomize_lora(nn.ModuleDict({"l": layer}), 2)
     x = torch.randn(2, 6, 9, 9)
     dW = 0.75 * torch.einsum("or,rikl->oikl", layer.lora_up.weight[:, :, 0, 0], layer.lora_down.weight)
@@ -270,13 +272,52 @@ def test_conv_lora_matches_closed_form(conv):
     assert layer.weight is base.weight and layer.bias is base.bias  # shares, does not copy
 
 
-def test_linear_lora_matches_closed_form():
+@pytest.mark.parametrize("fold", [False, True])
+def test_linear_lora_matches_closed_form(fold):
     base = randomize(nn.Linear(7, 5), 1)
     layer = LoRALinear(base, rank=3, alpha=6.0, dropout=0.5).eval()  # dropout off in eval
+    layer.fold = fold
     randomize_lora(nn.ModuleDict({"l": layer}), 2)
     x = torch.randn(4, 7)
     want = x @ (base.weight + 2.0 * layer.lora_up.weight @ layer.lora_down.weight).T + base.bias
     assert rel(layer(x), want) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_folded_forward_trains_the_same(kind):
+    """Folding the update into W must give the branch's gradients: for down, up and the input, while
+    the frozen base weight gets none."""
+    if kind == "linear":
+        base, x0, make = nn.Linear(7, 5), torch.randn(4, 6, 7), LoRALinear
+    else:
+        base, x0, make = nn.Conv2d(7, 5, 3, stride=2, padding=1), torch.randn(2, 7, 9, 9), LoRAConv2d
+    randomize(base, 1).requires_grad_(False)
+    grads = []
+    for fold in (False, True):
+        layer = make(base, rank=3, alpha=6.0)
+        layer.fold = fold
+        randomize_lora(nn.ModuleDict({"l": layer}), 2)
+        x = x0.clone().requires_grad_(True)
+        (layer(x) ** 2).sum().backward()
+        assert base.weight.grad is None
+        grads.append([layer.lora_down.weight.grad, layer.lora_up.weight.grad, x.grad])
+    for branch, folded in zip(*grads):
+        assert rel(folded, branch) < 1e-5
+
+
+def test_fold_is_chosen_where_cheaper():
+    """The tiny prior at rank 64 (widths 32-64, 24x32 latents, batch 8) folds; SD's 320-wide top level
+    at rank 64 and its 8x8 bottom at rank 4 keep the branch (the cost model in LoRALayer)."""
+    def choice(c, rank, hw, batch=8, grad=True):
+        layer = LoRAConv2d(nn.Conv2d(c, c, 3, padding=1), rank=rank)
+        with torch.set_grad_enabled(grad):
+            return layer._fold_is_cheaper(torch.empty(batch, c, *hw, device="meta"))
+    assert choice(64, 64, (24, 32))
+    assert not choice(320, 64, (48, 64), batch=2)
+    assert not choice(1280, 4, (8, 8), batch=2)
+    assert choice(320, 4, (48, 64), batch=2, grad=False)  # inference: forming W costs less than the branch
+    dropout = LoRALinear(nn.Linear(64, 64), rank=64, dropout=0.1).train()
+    assert not dropout._fold_is_cheaper(torch.empty(8, 768, 64))  # dropout acts on the branch only
 
 
 def test_merge_unmerge_exact():
