@@ -111,9 +111,16 @@ class Diff2Flow:
         return x1_hat - x0_hat
 
     # --- training objectives -------------------------------------------------------------------------
-    def sample_t(self, n, device=None):
-        """t ~ U(t_min, 1) in float64 (t_min = 0 for v- and x0-models)."""
-        return self.t_min + (1 - self.t_min) * torch.rand(n, dtype=torch.float64, device=device)
+    def sample_t(self, n, device=None, logit_normal=None):
+        """t ~ U(t_min, 1) in float64 (t_min = 0 for v- and x0-models). logit_normal = (loc, scale) draws
+        u = sigmoid(loc + scale * N(0, 1)) instead of u ~ U(0, 1) (SD3's logit-normal density; loc < 0 puts
+        more of training near the noise end t = 0, which is all a 1-step sample ever asks of the model)."""
+        if logit_normal is None:
+            u = torch.rand(n, dtype=torch.float64, device=device)
+        else:
+            loc, scale = logit_normal
+            u = torch.sigmoid(loc + scale * torch.randn(n, dtype=torch.float64, device=device))
+        return self.t_min + (1 - self.t_min) * u
 
     def loss_weight(self, alpha, sigma):
         """Per-sample weight w with ‖u_θ - (x1 - x0)‖² = w·‖pred - target‖² (u from data_and_noise):

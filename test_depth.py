@@ -17,7 +17,8 @@ from unet import UNetConfig, UNetModel, widen_input_conv
 from vae import AutoencoderKL, VAEConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--res", "32x32", "--train-scenes", "16", "--batch-size", "2", "--lora-rank", "4", "--val-every", "1000"]
+FAST = ["--res", "32x32", "--train-scenes", "16", "--batch-size", "2", "--lora-rank", "4", "--val-every", "1000",
+        "--report-scenes", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +45,20 @@ def no_temp_files(folder):
     return not [f for f in os.listdir(folder) if ".tmp" in f]
 
 
-def test_resume_continues_exactly(tiny_ckpt, tmp_path):
+def test_resume_continues_exactly(tiny_ckpt, tmp_path, capsys):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train.main(["--ckpt", tiny_ckpt, "--steps", "6", "--out", straight, *FAST])
     train.main(["--ckpt", tiny_ckpt, "--steps", "6", "--stop-at", "3", "--out", resumed, *FAST])
     assert load_file(os.path.join(resumed, train.LORA_FILE)).keys()     # a usable LoRA after the first half
+    capsys.readouterr()
     train.main(["--ckpt", tiny_ckpt, "--steps", "6", "--out", resumed, "--resume", *FAST])
+    # the final table: the untouched prior and the trivial baseline reported at step 0, the model at the
+    # end of the schedule (not where --stop-at paused it), in sample.py's protocol
+    reports = [(r["kind"], r["step"]) for r in read_log(resumed) if r["kind"].startswith("report")]
+    assert reports == [("report_trivial", 0), ("report", 0), ("report", 6)]
+    out = capsys.readouterr().out
+    assert f"4 scenes, {train.REPORT_STEPS} steps, ensemble {train.REPORT_ENSEMBLE}" in out
+    assert "finetuned (diff2flow, step 6)" in out
     for name in (train.LORA_FILE, "lora.full.safetensors"):
         a, b = load_file(os.path.join(straight, name)), load_file(os.path.join(resumed, name))
         assert a.keys() == b.keys()
@@ -155,8 +164,8 @@ def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
     import data
     run = str(tmp_path / "tiny")
     train.main(["--ckpt", train.TINY_PRIOR, "--steps", "600", "--lora-rank", "0", "--lr", "3e-4",
-                "--multires-noise", "0.9", "--train-scenes", "1000", "--val-steps", "1", "--val-every", "1000",
-                "--out", run])
+                "--multires-noise", "0.9", "--t-density", "uniform", "--train-scenes", "1000", "--val-steps", "1",
+                "--val-every", "1000", "--report-scenes", "0", "--out", run])
     m, prior = sample.load_run(run, train.TINY_PRIOR), sample.load_run(None, train.TINY_PRIOR)
     heldout = data.RenderedDepthDataset.split("heldout", 256, 96, 128)
     source = float(m.meta["diff2flow.multires_noise"])      # the strength the run recorded
@@ -189,6 +198,30 @@ def test_multires_noise_trains_and_samples_from_the_same_source(tiny_ckpt, tmp_p
     assert seen and set(seen) == {0.9}                       # sampling starts from what training used
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "t2i", "--data", str(tmp_path), "--multires-noise", "0.9"])
-    default = str(tmp_path / "default")                   # no flag: the tiny prior's default, recorded
+    default = str(tmp_path / "default")                   # no flag: the tiny prior's defaults, recorded
     train.main(["--ckpt", tiny_ckpt, "--steps", "1", "--out", default, *FAST])
-    assert sample.read_metadata(os.path.join(default, train.LORA_FILE))["diff2flow.multires_noise"] == "0.9"
+    meta = sample.read_metadata(os.path.join(default, train.LORA_FILE))
+    assert meta["diff2flow.multires_noise"] == "0.9" and meta["diff2flow.t_density"] == "logit-normal:-3"
+
+
+def test_t_density_flag(tiny_ckpt, tmp_path, monkeypatch):
+    """--t-density reaches Diff2Flow.sample_t each step; bad specs and the diffusion objective are refused."""
+    assert train.t_density("uniform") is None
+    assert train.t_density("logit-normal:-2") == (-2.0, 1.0) and train.t_density("logit-normal:0.5:2") == (0.5, 2.0)
+    for bad in ("logit-normal", "logit-normal:a", "logit-normal:0:-1", "normal:0"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--t-density", bad])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--objective", "diffusion", "--t-density", "logit-normal:-2"])
+    seen = []
+    real = train.Diff2Flow.sample_t
+
+    def spy(self, n, device=None, logit_normal=None):
+        seen.append(logit_normal)
+        return real(self, n, device, logit_normal)
+
+    monkeypatch.setattr(train.Diff2Flow, "sample_t", spy)
+    run = str(tmp_path / "ln")
+    train.main(["--ckpt", tiny_ckpt, "--steps", "2", "--t-density", "logit-normal:1:0.5", "--out", run, *FAST])
+    assert seen == [(1.0, 0.5)] * 2
+    assert sample.read_metadata(os.path.join(run, train.LORA_FILE))["diff2flow.t_density"] == "logit-normal:1:0.5"

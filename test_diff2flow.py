@@ -335,3 +335,16 @@ def test_multires_noise_is_unit_variance_with_more_coarse_energy():
     assert abs(coarse(white) - 1 / 64) < 0.004
     assert coarse(pyr) > 5 * coarse(white)
     assert abs(pyr.mean().item()) < 0.05
+
+
+def test_logit_normal_times_have_the_asked_location_and_scale():
+    """sample_t(logit_normal=(loc, scale)): logit of the FM time is N(loc, scale²) for a v-model (t_min = 0);
+    an ε-model's times stay in [t_min, 1]; the uniform default has mean 1/2."""
+    torch.manual_seed(0)
+    t = Diff2Flow("v").sample_t(200_000, logit_normal=(-2.0, 0.5))
+    z = torch.logit(t)
+    assert abs(z.mean().item() + 2.0) < 0.01 and abs(z.std().item() - 0.5) < 0.01
+    assert abs(t.median().item() - torch.sigmoid(torch.tensor(-2.0)).item()) < 0.005
+    eps = Diff2Flow("eps")
+    assert eps.t_min > 0 and eps.sample_t(10_000, logit_normal=(-4.0, 1.0)).min() >= eps.t_min
+    assert abs(Diff2Flow("v").sample_t(200_000).mean().item() - 0.5) < 0.005

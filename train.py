@@ -38,6 +38,7 @@ SD_FILENAMES = ("v2-1_768-ema-pruned.safetensors", "v1-5-pruned-emaonly.safetens
 TASKS = ("depth", "t2i", "reflow")
 LORA_FILE, STATE_FILE, LOG_FILE = "lora.safetensors", "state.pt", "log.jsonl"
 VAL_SCENES = 64          # held-out rendered scenes for validation (disjoint seeds from training)
+REPORT_STEPS, REPORT_ENSEMBLE = 2, 4   # depth's final table: what `python sample.py --steps 2` predicts
 
 
 def parse_args(argv=None):
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", default="64", help="int, fraction of each layer's width (0.2 = the paper's 20%%), or 0 = full finetuning")
     p.add_argument("--lora-alpha", default=None, type=float, help="LoRA alpha; default = rank (scale 1)")
     p.add_argument("--no-full-convs", action="store_true", help="do not train the (widened) first and the last conv in full")
-    p.add_argument("--steps", default=None, type=int, help="optimizer steps (default: 600 on the tiny prior, 20000 on SD)")
+    p.add_argument("--steps", default=None, type=int, help="optimizer steps (default: 1500 on the tiny prior, 20000 on SD)")
     p.add_argument("--batch-size", default=None, type=int, help="per process (default: 8 tiny, 2 SD)")
     p.add_argument("--grad-accum", default=1, type=int)
     p.add_argument("--lr", default=None, type=float, help="peak learning rate (default: 1e-3 LoRA on the tiny prior, 1e-4 LoRA, 3e-5 full)")
@@ -80,9 +81,14 @@ def parse_args(argv=None):
     p.add_argument("--multires-noise", default=None, type=float, help="depth: Marigold's multi-resolution noise as "
                    "the source, this strength per level (0 = white noise, the method as written; default 0.9 on "
                    "the tiny prior, where white noise does not learn held-out depth, 0 on SD)")
+    p.add_argument("--t-density", default=None, help="fm/diff2flow training times: 'uniform' (the method as "
+                   "written) or 'logit-normal:LOC[:SCALE]' (SD3's; LOC < 0 trains more near the noise end); default "
+                   "logit-normal:-3 for diff2flow depth on the tiny prior, uniform otherwise")
     p.add_argument("--norm", default="log", choices=["log", "affine"], help="depth normalisation (log 1/99%% or affine 2/98%%)")
     p.add_argument("--val-every", default=None, type=int, help="steps between validations (default: steps // 4)")
     p.add_argument("--val-steps", default=4, type=int, help="Euler (or DDIM) steps at validation")
+    p.add_argument("--report-scenes", default=256, type=int, help="depth: held-out scenes for the final table "
+                   f"(untouched prior and finetuned model, {REPORT_STEPS} steps, ensemble {REPORT_ENSEMBLE}); 0 = none")
     p.add_argument("--save-every", default=200, type=int, help="steps between checkpoints")
     p.add_argument("--out", default=None, help="run folder (default: runs/<task>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -103,6 +109,13 @@ def parse_args(argv=None):
         p.error(f"unknown diffusion change(s) {sorted(unknown)}: use any of {DIFFUSION_CHANGES}")
     if args.multires_noise is not None and (args.multires_noise < 0 or (args.multires_noise > 0 and args.task != "depth")):
         p.error(f"--multires-noise {args.multires_noise}: a strength >= 0, for --task depth only")
+    if args.t_density is not None:
+        try:
+            t_density(args.t_density)
+        except ValueError as e:
+            p.error(str(e))
+        if args.t_density != "uniform" and args.objective == "diffusion":
+            p.error("--t-density sets the FM times of fm/diff2flow; the diffusion objective draws its own timesteps")
     args.out = args.out or os.path.join("runs", args.task)
     if args.task == "t2i" and not args.data:
         p.error("--task t2i needs --data (an image folder with captions)")
@@ -113,6 +126,21 @@ def parse_args(argv=None):
     except ValueError:
         p.error(f"--lora-rank must be an int, a fraction or 0, got {args.lora_rank!r}")
     return args
+
+
+def t_density(spec):
+    """'uniform' -> None; 'logit-normal:LOC[:SCALE]' -> (LOC, SCALE), SCALE 1 by default (Diff2Flow.sample_t)."""
+    if spec == "uniform":
+        return None
+    name, *nums = spec.split(":")
+    try:
+        values = [float(v) for v in nums]
+    except ValueError:
+        values = []
+    if name != "logit-normal" or len(values) not in (1, 2) or (len(values) == 2 and values[1] <= 0):
+        raise ValueError(f"--t-density {spec!r}: use 'uniform' or 'logit-normal:LOC[:SCALE]' (SCALE > 0), "
+                         f"e.g. logit-normal:-2")
+    return values[0], values[1] if len(values) == 2 else 1.0
 
 
 def find_checkpoint(path):
@@ -253,6 +281,7 @@ class DepthTask:
         self.args, self.vae, self.context, self.d2f, self.device = args, vae, context, d2f, device
         hw = info["res"] = parse_res(args.res, info["tiny"])
         self.train_set, self.heldout = depth_sets(args, hw)
+        self.heldout_hw = hw
         self.cached = None
         if isinstance(self.train_set, data.RenderedDepthDataset):
             key = (info["ckpt"], os.path.getmtime(info["ckpt"]), len(self.train_set), hw, args.norm)
@@ -275,6 +304,21 @@ class DepthTask:
         import sample
         return dict(kind="trivial", **sample.evaluate_trivial(self.train_set, self.heldout, self.args.norm))
 
+    def report(self, unet, step):
+        """The final table: sample.py's protocol (aligned ensemble) on more held-out scenes than validation
+        uses, since 64 scenes and one member cannot resolve a few percent. At step 0 with the trivial baseline."""
+        import sample
+        if self.args.report_scenes <= 0:
+            return []
+        scenes = data.RenderedDepthDataset.split("heldout", self.args.report_scenes, *self.heldout_hw)
+        recs = []
+        if step == 0:
+            recs.append(dict(kind="report_trivial", **sample.evaluate_trivial(self.train_set, scenes, self.args.norm)))
+        recs.append(dict(kind="report", **sample.evaluate_heldout(
+            unet, self.vae, self.d2f, self.context, scenes, self.args.objective, REPORT_STEPS, norm=self.args.norm,
+            ensemble=REPORT_ENSEMBLE, multires=self.args.multires_noise)))
+        return recs
+
     def validate(self, unet, step):
         import sample
         return sample.evaluate_heldout(unet, self.vae, self.d2f, self.context, self.heldout, self.args.objective,
@@ -286,13 +330,22 @@ class DepthTask:
         return f"held-out AbsRel {r['abs_rel']:.4f} δ1 {r['delta1']:.4f}"
 
     def summary(self, records, log):
+        space = "log" if self.args.norm == "log" else "depth"
         vals = [r for r in records if r["kind"] == "val"]
         trivial = [r for r in records if r["kind"] == "trivial"][-1]
-        log(f"\nheld-out depth ({len(self.heldout)} scenes, {self.args.val_steps} steps, alignment in "
-            f"{'log' if self.args.norm == 'log' else 'depth'} space):")
+        reports = [r for r in records if r["kind"] == "report"]
+        table = (vals[0], trivial, vals[-1])
+        how = f"{len(self.heldout)} scenes, {self.args.val_steps} steps, 1 member"
+        if len(reports) >= 2 and reports[0]["step"] == 0:
+            log(f"\nvalidation ({how}): untouched prior {vals[0]['abs_rel']:.4f}, mean depth map "
+                f"{trivial['abs_rel']:.4f}, finetuned {vals[-1]['abs_rel']:.4f} AbsRel")
+            table = (reports[0], [r for r in records if r["kind"] == "report_trivial"][-1], reports[-1])
+            how = (f"{self.args.report_scenes} scenes, {REPORT_STEPS} steps, ensemble {REPORT_ENSEMBLE}, "
+                   f"as python sample.py --steps {REPORT_STEPS}")
+        log(f"\nheld-out depth ({how}; alignment in {space} space):")
         log(f"  {'':34s} AbsRel ↓  δ1 ↑")
-        for name, r in (("untouched prior", vals[0]), ("trivial baseline (mean depth map)", trivial),
-                        (f"finetuned ({self.args.objective}, step {vals[-1]['step']})", vals[-1])):
+        for name, r in zip(("untouched prior", "trivial baseline (mean depth map)",
+                            f"finetuned ({self.args.objective}, step {table[2]['step']})"), table):
             log(f"  {name:34s} {r['abs_rel']:.4f}   {r['delta1']:.4f}")
 
 
@@ -336,6 +389,9 @@ class ImageTask:
 
     def baseline(self):
         return None
+
+    def report(self, unet, step):
+        return []
 
     def validate(self, unet, step):
         import sample
@@ -387,6 +443,7 @@ def save_run(out, unet, opt, ema, step, args, info):
                               task=args.task, objective=args.objective, zero_snr=info["zero_snr"]),
                 **{"diff2flow.base_checkpoint": os.path.basename(info["ckpt"]), "diff2flow.norm": args.norm,
                    "diff2flow.multires_noise": str(args.multires_noise),
+                   "diff2flow.t_density": args.t_density,
                    "diff2flow.family": info["family"], "diff2flow.step": str(step),
                    "diff2flow.res_long_edge": str(max(info["res"]))})
     with ema_weights(unet, ema):                        # the saved LoRA holds the EMA weights
@@ -419,7 +476,7 @@ def main(argv=None):
 
     unet, vae, text_encoder, context, d2f, info = build(args, log)
     tiny = info["tiny"]
-    args.steps = args.steps or (600 if tiny else 20000)
+    args.steps = args.steps or (1500 if tiny else 20000)
     args.batch_size = args.batch_size or (8 if tiny else 2)
     args.lr = args.lr or (3e-5 if args.lora_rank == 0 else (1e-3 if tiny else 1e-4))
     args.val_every = args.val_every or max(1, args.steps // 4)
@@ -428,6 +485,12 @@ def main(argv=None):
         if args.multires_noise:
             log(f"source: multi-resolution noise {args.multires_noise} (the tiny demo's default: from white noise "
                 f"this prior learns no held-out depth, see README; --multires-noise 0 for the method as written)")
+    if args.t_density is None:
+        args.t_density = "logit-normal:-3" if tiny and args.task == "depth" and args.objective == "diff2flow" else "uniform"
+        if args.t_density != "uniform":
+            log(f"training times: t ~ {args.t_density} (the tiny demo's default: most of training near t = 0, "
+                f"where few-step samples read the image; see README; --t-density uniform for the method as written)")
+    logit_normal = t_density(args.t_density)
     for m in (unet, vae, text_encoder):
         if m is not None:
             m.to(device)
@@ -462,13 +525,16 @@ def main(argv=None):
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    def validate(step):
-        """Validation runs on the EMA weights when there are any."""
+    def evaluated(fn, step):
+        """Validation and the report run on the EMA weights when there are any."""
         unet.eval()
         with ema_weights(unet, ema):
-            scores = task.validate(unet, step)
+            scores = fn(unet, step)
         unet.train()
         return scores
+
+    def validate(step):
+        return evaluated(task.validate, step)
 
     logf = open(os.path.join(args.out, LOG_FILE), "a") if master else None
 
@@ -484,6 +550,8 @@ def main(argv=None):
         before = validate(0)
         log(f"before training: {task.describe(before)}")
         write_log(dict(step=0, kind="val", **before))
+        for rec in evaluated(task.report, 0):
+            write_log(dict(step=0, **rec))
 
     unet.train()
     t0, losses = time.time(), []
@@ -499,7 +567,8 @@ def main(argv=None):
             sync = world > 1 and micro < args.grad_accum - 1
             with (net.no_sync() if sync else nullcontext()), autocast():
                 model = conditioned(net, batch["context"], concat=batch["concat"])
-                loss = d2f.loss(model, batch["x1"], args.objective, noise=batch["noise"], mask=batch["mask"],
+                t = None if logit_normal is None else d2f.sample_t(len(batch["x1"]), batch["x1"].device, logit_normal)
+                loss = d2f.loss(model, batch["x1"], args.objective, noise=batch["noise"], mask=batch["mask"], t=t,
                                 changes=args.diffusion_changes).mean() / args.grad_accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -525,6 +594,9 @@ def main(argv=None):
 
     if world > 1:
         check_ranks_agree(unet, log, write_log)
+    if master and end == args.steps:
+        for rec in evaluated(task.report, end):
+            write_log(dict(step=end, **rec))
     if master:
         with open(os.path.join(args.out, LOG_FILE)) as f:
             task.summary([json.loads(line) for line in f], log)
