@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from diff2flow import Diff2Flow, conditioned
 from lora import CONV_IN, CONV_OUT, DEFAULT_TARGETS, inject_lora, lora_layers
+import tiny
 from unet import SD2_UNET, UNetConfig, UNetModel
 from vae import SCALE_FACTOR, AutoencoderKL, VAEConfig
 
@@ -83,6 +84,9 @@ CONFIGS = {
         vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
         batch=2, latent=(16, 16), rank=8, repeats=20, warmup=2,
         note="SD2 layout, channels 32/64/128/128"),
+    # the README's demo: the bundled tiny prior's architecture at rank 64 (near its width: LoRA folds there)
+    "demo": BenchConfig(unet=replace(tiny.UNET_CFG, in_channels=8), vae=tiny.VAE_CFG, batch=8, latent=(24, 32),
+                        rank=64, repeats=20, warmup=2, note="the tiny prior, as python train.py --task depth trains it"),
     # DESIGN.md's CPU configuration: the full SD2.1 UNet (depth: 8 input channels) and SD's VAE
     "medium": BenchConfig(unet=replace(SD2_UNET, in_channels=8), vae=VAEConfig(),
                           batch=1, latent=(32, 32), rank=64, repeats=3, note="full SD2.1 UNet, random weights"),
