@@ -79,7 +79,8 @@ class LoRALayer:
     def forward(self, x):
         if self.merged:
             return super().forward(x)
-        if self.fold if self.fold is not None else self._fold_is_cheaper(x):
+        fold = self._fold_is_cheaper(x) if self.fold is None else self.fold
+        if fold:
             # up(down(x)) is linear in x, so the branch equals one layer with weight W + scale * up @ down;
             # autograd still trains only up and down
             delta = (self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)).view(self.weight.shape)

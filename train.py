@@ -109,6 +109,8 @@ def parse_args(argv=None):
         p.error(f"unknown diffusion change(s) {sorted(unknown)}: use any of {DIFFUSION_CHANGES}")
     if args.multires_noise is not None and (args.multires_noise < 0 or (args.multires_noise > 0 and args.task != "depth")):
         p.error(f"--multires-noise {args.multires_noise}: a strength >= 0, for --task depth only")
+    if args.report_scenes < 0:
+        p.error(f"--report-scenes {args.report_scenes}: a count >= 0 (0 = no final report)")
     if args.t_density is not None:
         try:
             t_density(args.t_density)
@@ -281,7 +283,9 @@ class DepthTask:
         self.args, self.vae, self.context, self.d2f, self.device = args, vae, context, d2f, device
         hw = info["res"] = parse_res(args.res, info["tiny"])
         self.train_set, self.heldout = depth_sets(args, hw)
-        self.heldout_hw = hw
+        self.report_set = None   # rendered once, kept for the report at the end
+        if args.report_scenes > 0:
+            self.report_set = data.RenderedDepthDataset.split("heldout", args.report_scenes, *hw)
         self.cached = None
         if isinstance(self.train_set, data.RenderedDepthDataset):
             key = (info["ckpt"], os.path.getmtime(info["ckpt"]), len(self.train_set), hw, args.norm)
@@ -308,14 +312,14 @@ class DepthTask:
         """The final table: sample.py's protocol (aligned ensemble) on more held-out scenes than validation
         uses, since 64 scenes and one member cannot resolve a few percent. At step 0 with the trivial baseline."""
         import sample
-        if self.args.report_scenes <= 0:
+        if self.report_set is None:
             return []
-        scenes = data.RenderedDepthDataset.split("heldout", self.args.report_scenes, *self.heldout_hw)
         recs = []
         if step == 0:
-            recs.append(dict(kind="report_trivial", **sample.evaluate_trivial(self.train_set, scenes, self.args.norm)))
+            trivial = sample.evaluate_trivial(self.train_set, self.report_set, self.args.norm)
+            recs.append(dict(kind="report_trivial", **trivial))
         recs.append(dict(kind="report", **sample.evaluate_heldout(
-            unet, self.vae, self.d2f, self.context, scenes, self.args.objective, REPORT_STEPS, norm=self.args.norm,
+            unet, self.vae, self.d2f, self.context, self.report_set, self.args.objective, REPORT_STEPS, norm=self.args.norm,
             ensemble=REPORT_ENSEMBLE, multires=self.args.multires_noise)))
         return recs
 
