@@ -83,7 +83,7 @@ class LoRALayer:
         if fold:
             # up(down(x)) is linear in x, so the branch equals one layer with weight W + scale * up @ down;
             # autograd still trains only up and down
-            delta = (self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)).view(self.weight.shape)
+            delta = self._up_down(self.lora_up.weight, self.lora_down.weight)
             return self._forward_with(x, self.weight + self.scale * delta)
         y = super().forward(x)  # the base layer: W x + b
         if not torch.is_autocast_enabled(x.device.type):
@@ -109,14 +109,17 @@ class LoRALayer:
             n //= math.prod(self.stride)        # output positions
         if torch.is_grad_enabled():
             return n * out * K + 3 * out * r * K < 3 * n * r * (K + out)
-        return out * K < n * (K + out)
+        return out * K < n * (K + out)          # no backward: out*r*K against N*r*(K + out), r cancels
+
+    def _up_down(self, up, down):
+        """up @ down shaped like W. For a conv the 1x1 up conv mixes the r output channels of the k x k
+        down conv: dW[o, i, u, v] = sum_r up[o, r] * down[r, i, u, v]."""
+        return (up.flatten(1) @ down.flatten(1)).view(self.weight.shape)  # (out, r) @ (r, in[*k*k])
 
     def delta_weight(self):
-        """(alpha/r) * up @ down, shaped like W, in float64. For a conv the 1x1 up conv mixes the
-        r output channels of the k x k down conv: dW[o, i, u, v] = sum_r up[o, r] * down[r, i, u, v]."""
-        up = self.lora_up.weight.detach().double().flatten(1)  # (out, r)
-        down = self.lora_down.weight.detach().double().flatten(1)  # (r, in) or (r, in*k*k)
-        return (self.scale * (up @ down)).view(self.weight.shape)
+        """(alpha/r) * up @ down, shaped like W, in float64 (for merge and the file formats)."""
+        up, down = self.lora_up.weight.detach().double(), self.lora_down.weight.detach().double()
+        return self.scale * self._up_down(up, down)
 
     @torch.no_grad()
     def merge(self, keep_copy=True):
