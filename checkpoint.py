@@ -46,6 +46,8 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."  # HF CLIP names
 EMPTY_CONTEXT_KEY = "empty_context"
 PREDICTIONS = ("eps", "v", "x0")
 DEFAULT_PREDICTION = {"sd1": "eps", "sd2": "v"}
+TINY_PRIOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_prior.safetensors")
+SD_FILENAMES = ("v2-1_768-ema-pruned.safetensors", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors")
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -271,6 +273,22 @@ def load_sd_checkpoint(path, prediction=None, device="cpu", dtype=torch.float32,
             ckpt._empty = _cached_empty_context(path, text)
         ckpt.text_encoder = None
     return ckpt
+
+
+# ----------------------------------------------------------------------------- finding one
+
+def find_checkpoint(path):
+    """The checkpoint to finetune: the given path, a known SD file nearby, or the bundled tiny prior."""
+    if path is not None:
+        return path, False
+    for folder in (".", "checkpoints"):
+        for name in SD_FILENAMES:
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name), False
+    if not os.path.exists(TINY_PRIOR):
+        raise FileNotFoundError(f"no SD checkpoint given (--ckpt) or found, and the bundled tiny prior "
+                                f"{TINY_PRIOR} is missing: restore it from git or pass --ckpt")
+    return TINY_PRIOR, True
 
 
 # ----------------------------------------------------------------------------- the writer

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import train
+from checkpoint import TINY_PRIOR
 
 OUT = "results"
 RUNS = os.path.join(OUT, "runs")
@@ -50,7 +51,7 @@ def alignment(n=32, step_counts=(4, 10, 50)):
     from diff2flow import Diff2Flow, conditioned
     from sample import save_png
     from schedule import Schedule, ddim_sample
-    sd = load_sd_checkpoint(train.TINY_PRIOR)
+    sd = load_sd_checkpoint(TINY_PRIOR)
     unet, vae = sd.unet, sd.vae
     model = conditioned(unet, sd.empty_context().expand(n, -1, -1))
     c = unet.cfg.in_channels
@@ -140,7 +141,7 @@ def sampler_grid_ablation(run_dirs):
     import sample
     out = {}
     for run in run_dirs:
-        m = sample.load_run(run, train.TINY_PRIOR)
+        m = sample.load_run(run, TINY_PRIOR)
         heldout = data.RenderedDepthDataset.split("heldout", train.VAL_SCENES, 96, 128)
         out[os.path.basename(run)] = sample.evaluate_heldout(m.unet, m.vae, m.d2f, m.context, heldout, "diff2flow", 4)
     return out
@@ -182,11 +183,11 @@ def reflow(steps):
     result before and after, on noise the reflow never saw."""
     import sample
     folder, run = os.path.join(OUT, "pairs"), os.path.join(RUNS, "reflow")
-    prior = sample.load_run(None, train.TINY_PRIOR)
+    prior = sample.load_run(None, TINY_PRIOR)
     sample.save_pairs(prior, folder, [""], REFLOW_PAIRS, steps=REFLOW_MANY, cfg=1.0, shard_size=64, latent_hw=(24, 32))
     run_once("reflow", ["--task", "reflow", "--pairs", folder, "--lora-rank", "0", "--lr", "1e-4", "--steps", str(steps),
                         "--val-steps", "2", "--save-every", str(steps), "--batch-size", "16"], steps)
-    after = sample.load_run(run, train.TINY_PRIOR)
+    after = sample.load_run(run, TINY_PRIOR)
     noise = torch.randn(64, 4, 24, 32, generator=torch.Generator().manual_seed(123456))   # held out
     ctx = prior.context.expand(64, -1, -1)
     res = {}

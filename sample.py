@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import data
 import data_t2i
-from checkpoint import load_sd_checkpoint
+from checkpoint import find_checkpoint, load_sd_checkpoint
 from diff2flow import Diff2Flow, conditioned, multires_noise
 from lora import load_lora, merge_lora, read_metadata
 from unet import widen_input_conv
@@ -200,7 +200,6 @@ class Loaded:
 def load_run(run=None, ckpt=None, device="cpu"):
     """Base checkpoint + a run's LoRA (and companion file); run=None gives the untouched prior, sampled
     through Diff2Flow on its own schedule."""
-    from train import find_checkpoint
     meta = {}
     if run is not None:
         path = run if run.endswith(".safetensors") else os.path.join(run, LORA_FILE)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
-from checkpoint import save_sd_checkpoint
+from checkpoint import TINY_PRIOR, save_sd_checkpoint
 from unet import UNetConfig, UNetModel, widen_input_conv
 from vae import AutoencoderKL, VAEConfig
 
@@ -163,10 +163,10 @@ def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
     the README's depth section says why white noise does not learn held-out depth on this prior)."""
     import data
     run = str(tmp_path / "tiny")
-    train.main(["--ckpt", train.TINY_PRIOR, "--steps", "600", "--lora-rank", "0", "--lr", "3e-4",
+    train.main(["--ckpt", TINY_PRIOR, "--steps", "600", "--lora-rank", "0", "--lr", "3e-4",
                 "--multires-noise", "0.9", "--t-density", "uniform", "--train-scenes", "1000", "--val-steps", "1",
                 "--val-every", "1000", "--report-scenes", "0", "--out", run])
-    m, prior = sample.load_run(run, train.TINY_PRIOR), sample.load_run(None, train.TINY_PRIOR)
+    m, prior = sample.load_run(run, TINY_PRIOR), sample.load_run(None, TINY_PRIOR)
     heldout = data.RenderedDepthDataset.split("heldout", 256, 96, 128)
     source = float(m.meta["diff2flow.multires_noise"])      # the strength the run recorded
 

@@ -11,6 +11,7 @@ from PIL import Image
 import data_t2i
 import sample
 import train
+from checkpoint import TINY_PRIOR
 from test_depth import tiny_ckpt  # noqa: F401  (the fixture: a tiny random SD-layout checkpoint)
 
 
@@ -159,9 +160,9 @@ def test_reflow_straightens_the_tiny_prior(tmp_path):
     """On the bundled tiny prior: after 1-reflow on its own pairs, 2 Euler steps land closer to the
     25-step result from the same (held-out) noise, and the samples do not collapse."""
     pairs, run = str(tmp_path / "pairs"), str(tmp_path / "reflow")
-    sample.main(["--task", "t2i", "--ckpt", train.TINY_PRIOR, "--save-pairs", pairs, "--num", "96", "--shard-size", "32",
+    sample.main(["--task", "t2i", "--ckpt", TINY_PRIOR, "--save-pairs", pairs, "--num", "96", "--shard-size", "32",
                  "--steps", "20", "--cfg", "1"])
-    train.main(["--task", "reflow", "--ckpt", train.TINY_PRIOR, "--pairs", pairs, "--steps", "120", "--batch-size", "16",
+    train.main(["--task", "reflow", "--ckpt", TINY_PRIOR, "--pairs", pairs, "--steps", "120", "--batch-size", "16",
                 "--lora-rank", "0", "--lr", "1e-4", "--val-steps", "2", "--val-every", "120", "--out", run])
     vals = [json.loads(line) for line in open(os.path.join(run, train.LOG_FILE)) if '"val"' in line]
     before, after = vals[0], vals[-1]

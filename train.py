@@ -27,14 +27,11 @@ from tqdm.auto import tqdm
 
 import data
 import data_t2i
-from checkpoint import load_sd_checkpoint
+from checkpoint import find_checkpoint, load_sd_checkpoint
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned, multires_noise
 from lora import CONV_IN, CONV_OUT, inject_lora, load_lora, lora_metadata, merge_lora, save_lora
 from unet import widen_input_conv
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_PRIOR = os.path.join(HERE, "assets", "tiny_prior.safetensors")
-SD_FILENAMES = ("v2-1_768-ema-pruned.safetensors", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors")
 TASKS = ("depth", "t2i", "reflow")
 LORA_FILE, STATE_FILE, LOG_FILE = "lora.safetensors", "state.pt", "log.jsonl"
 VAL_SCENES = 64          # held-out rendered scenes for validation (disjoint seeds from training)
@@ -143,20 +140,6 @@ def t_density(spec):
         raise ValueError(f"--t-density {spec!r}: use 'uniform' or 'logit-normal:LOC[:SCALE]' (SCALE > 0), "
                          f"e.g. logit-normal:-2")
     return values[0], values[1] if len(values) == 2 else 1.0
-
-
-def find_checkpoint(path):
-    """The checkpoint to finetune: the given path, a known SD file nearby, or the bundled tiny prior."""
-    if path is not None:
-        return path, False
-    for folder in (".", "checkpoints"):
-        for name in SD_FILENAMES:
-            if os.path.exists(os.path.join(folder, name)):
-                return os.path.join(folder, name), False
-    if not os.path.exists(TINY_PRIOR):
-        raise FileNotFoundError(f"no SD checkpoint given (--ckpt) or found, and the bundled tiny prior "
-                                f"{TINY_PRIOR} is missing: restore it from git or pass --ckpt")
-    return TINY_PRIOR, True
 
 
 # ---------------------------------------------------------------------------------------------------
