@@ -385,29 +385,81 @@ def resize_item(item, size):
     return dict(item, rgb=rgb.clamp(-1, 1), depth=depth * valid, valid=valid)
 
 
-class MixedDataset(torch.utils.data.Dataset):
-    """Draws item i from dataset k with probability probs[k] (Marigold and the official code: Hypersim
-    0.9, Virtual KITTI 2 0.1), then a uniform item of it; deterministic in (seed, i), so it works under
-    any sampler, DistributedSampler included. length defaults to the sum of the lengths. Items must
-    share one size across data sets to be batched: give the loaders the same `size`."""
+class EpochMix:
+    """Which item of which data set training sample n is, for n = 0, 1, 2, ... over the whole run.
 
-    def __init__(self, datasets, probs=(0.9, 0.1), length=None, seed=0):
+    Every item of every set is seen once per epoch of that set (a fresh permutation per set and
+    epoch), and each sample picks its set with `probs` (Marigold and the official code: Hypersim 0.9,
+    Virtual KITTI 2 0.1), so the smaller set cycles faster. Sample n is a pure function of
+    (seed, n): a resumed run continues exactly, and DDP ranks agree on the stream without talking
+    (rank r of W takes its share of each global batch). Drawing one fixed item per index instead
+    would leave about 1/e of a set never seen."""
+    BLOCK = 1 << 16          # set choices are drawn in blocks of samples, each from its own seed
+
+    def __init__(self, sizes, probs=None, seed=0):
+        sizes = [int(s) for s in sizes]
+        probs = [1.0] * len(sizes) if probs is None else list(probs)
+        if not sizes or len(sizes) != len(probs) or min(sizes) < 1 or min(probs) <= 0:
+            raise ValueError(f"EpochMix: need non-empty data sets and positive probabilities, got sizes "
+                             f"{sizes} and probabilities {probs}")
+        self.sizes, self.seed = sizes, seed
+        self.cum = np.cumsum(np.asarray(probs, float) / sum(probs))
+        self._blocks, self._perms = {}, {}
+
+    def _block(self, b):
+        """For block b: the set of each sample, its position among that set's samples in the block,
+        and how many samples of each set came before the block."""
+        if b not in self._blocks:
+            before = np.zeros(len(self.sizes), np.int64)
+            if b > 0:
+                choice, _, prev = self._block(b - 1)
+                before = prev + np.bincount(choice, minlength=len(self.sizes))
+            u = np.random.default_rng([self.seed, 0, b]).random(self.BLOCK)
+            choice = np.minimum(np.searchsorted(self.cum, u, side="right"), len(self.sizes) - 1)
+            within = np.empty(self.BLOCK, np.int64)
+            for k in range(len(self.sizes)):
+                at = np.flatnonzero(choice == k)
+                within[at] = np.arange(len(at))
+            self._blocks[b] = (choice, within, before)
+        return self._blocks[b]
+
+    def _perm(self, k, epoch):
+        if (k, epoch) not in self._perms:
+            if len(self._perms) > 4 * len(self.sizes):
+                self._perms.clear()
+            self._perms[k, epoch] = np.random.default_rng([self.seed, 1, k, epoch]).permutation(self.sizes[k])
+        return self._perms[k, epoch]
+
+    def __call__(self, n):
+        """(set index, item index) of sample n."""
+        b, r = divmod(int(n), self.BLOCK)
+        choice, within, before = self._block(b)
+        k = int(choice[r])
+        j = int(before[k] + within[r])                  # how many samples of set k came before n
+        epoch, pos = divmod(j, self.sizes[k])
+        return k, int(self._perm(k, epoch)[pos])
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Several data sets as one stream of training samples (see EpochMix): item n is sample n of the
+    run, for any n >= 0; len() is one nominal pass (the sum of the lengths). Items must share one size
+    across data sets to be batched: give the loaders the same `size`."""
+
+    def __init__(self, datasets, probs=(0.9, 0.1), seed=0):
         if len(datasets) != len(probs) or not datasets:
             raise ValueError(f"MixedDataset: {len(datasets)} data sets but {len(probs)} probabilities")
         for ds in datasets:
             if len(ds) == 0:
                 raise ValueError(f"MixedDataset: {type(ds).__name__} is empty")
-        p = np.asarray(probs, float)
-        self.datasets, self.probs, self.seed = datasets, p / p.sum(), seed
-        self.length = sum(len(d) for d in datasets) if length is None else length
+        self.datasets = datasets
+        self.mix = EpochMix([len(d) for d in datasets], probs, seed)
 
     def __len__(self):
-        return self.length
+        return sum(len(d) for d in self.datasets)
 
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i])
-        ds = self.datasets[rng.choice(len(self.datasets), p=self.probs)]
-        return ds[int(rng.integers(len(ds)))]
+    def __getitem__(self, n):
+        k, i = self.mix(n)
+        return self.datasets[k][i]
 
 
 def write_depth_set(kind, root, samples, split_name="test"):

@@ -238,14 +238,33 @@ def test_kitti_lines_without_ground_truth_are_dropped_and_focal_is_kept(tmp_path
 def test_mixed_dataset_draws_about_nine_to_one(tmp_path):
     a = data.RenderedDepthDataset(0, 5, 8, 8)
     b = data.RenderedDepthDataset(500, 5, 8, 8)
-    mix = data.MixedDataset([a, b], (0.9, 0.1), length=3000, seed=1)
+    mix = data.MixedDataset([a, b], (0.9, 0.1), seed=1)
     names = [mix[i]["name"] for i in range(0, 3000, 3)]
     share_b = np.mean([int(n.split("_")[1]) >= 500 for n in names])
     assert abs(share_b - 0.1) < 0.03
-    assert mix[17]["name"] == data.MixedDataset([a, b], (0.9, 0.1), length=3000, seed=1)[17]["name"]
+    assert mix[17]["name"] == data.MixedDataset([a, b], (0.9, 0.1), seed=1)[17]["name"]
     resized = data.resize_item(a[0], (16, 12))
     assert resized["rgb"].shape == (3, 16, 12) and resized["valid"].shape == (1, 16, 12)
     assert (resized["depth"][~resized["valid"]] == 0).all()
+
+
+def test_epoch_mix_sees_every_item_once_per_epoch_and_resumes_exactly():
+    """Drawing one random item per index leaves about 1/e of a set unseen; the epoch stream leaves none."""
+    sizes = (997, 61)
+    mix = data.EpochMix(sizes, (0.9, 0.1), seed=5)
+    draws = np.array([mix(n) for n in range(3 * data.EpochMix.BLOCK // 2)])   # crosses a block boundary
+    for k, size in enumerate(sizes):
+        items = draws[draws[:, 0] == k, 1]
+        epochs = len(items) // size
+        assert epochs >= 2
+        for e in range(epochs):      # each full epoch of set k is a permutation of all its items
+            assert sorted(items[e * size:(e + 1) * size].tolist()) == list(range(size))
+        assert not np.array_equal(items[:size], items[size:2 * size])     # a fresh order per epoch
+    # a fresh object (a resumed run, another rank) gives the same samples, from anywhere in the stream
+    fresh = data.EpochMix(sizes, (0.9, 0.1), seed=5)
+    for n in (len(draws) - 1, data.EpochMix.BLOCK, 12345, 0):
+        assert fresh(n) == tuple(draws[n])
+    assert data.EpochMix(sizes, (0.9, 0.1), seed=6)(0) != mix(0) or data.EpochMix(sizes, (0.9, 0.1), seed=6)(1) != mix(1)
 
 
 # -----------------------------------------------------------------------------
