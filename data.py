@@ -520,7 +520,7 @@ def normalize_depth(depth, valid, mode="log", q=None, cap=DEPTH_CAP):
     d = depth.float().clamp(max=cap)
     ok = valid & (d > 0)
     flat = torch.where(ok, d, torch.nan).flatten(1)  # (B, HW)
-    qs = torch.nanquantile(flat, torch.tensor([q, 1 - q], dtype=flat.dtype), dim=1)  # (2, B)
+    qs = torch.nanquantile(flat, flat.new_tensor([q, 1 - q]), dim=1)  # (2, B), on depth's device
     lo, hi = qs[0], qs[1]
     lo = torch.where(torch.isnan(lo), torch.ones_like(lo), lo)  # no valid pixel: any range will do
     hi = torch.where(torch.isnan(hi), torch.ones_like(hi), hi)

@@ -69,10 +69,10 @@ class Diff2Flow:
         """
         t = torch.as_tensor(t)
         t64 = t.to(torch.float64)
-        if t64.numel() and (t64.min() < 0 or t64.max() > 1):
+        if t64.device.type == "cpu" and t64.numel() and (t64.min() < 0 or t64.max() > 1):   # no GPU sync
             raise ValueError(f"FM time t must lie in [0, 1], got [{t64.min().item()}, {t64.max().item()}]")
-        nodes = self.t_nodes.to(t64.device)
-        a, s = self.schedule.alpha_nodes.to(t64.device), self.schedule.sigma_nodes.to(t64.device)
+        a, s = self.schedule.nodes(t64.device)
+        nodes = a / (a + s)                               # self.t_nodes, on t's device
         # Node k is the last one with t_nodes[k] ≥ t (searchsorted wants ascending order, so negate).
         k = (torch.searchsorted(-nodes, -t64, right=True) - 1).clamp(0, len(nodes) - 2)
         da, ds = a[k + 1] - a[k], s[k + 1] - s[k]
@@ -100,7 +100,9 @@ class Diff2Flow:
     def velocity(self, model, x, t):
         """FM velocity u(x_FM, t) derived from the diffusion network's own prediction (Alg. 1, 2)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        if (t < self.t_min - 1e-9).any():
+        # Checked where it costs nothing: the sampler's times are on the CPU side; training times on a GPU
+        # come from sample_t (>= t_min by construction), and a check there would stall every step.
+        if t.device.type == "cpu" and (t < self.t_min - 1e-9).any():
             raise ValueError(f"t = {t.min().item():.4g} is below t_min = {self.t_min:.4g}: an eps-model has no "
                              f"velocity where α = 0 (start eps-models at t_min)")
         if self.prediction == "x0" and (t >= 1).any():

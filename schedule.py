@@ -43,16 +43,24 @@ class Schedule:
             alpha, sigma = torch.cat([alpha, zero]), torch.cat([sigma, one])   # node τ = T
         self.alpha_nodes, self.sigma_nodes = alpha, sigma   # index i holds node τ = i - 1
         self.tau_min, self.tau_max = -1.0, float(len(alpha) - 2)
+        self._on = {}                                        # device -> the node tables there
+
+    def nodes(self, device):
+        """(α nodes, σ nodes) on `device`, copied there once: no host-to-device copy on every call."""
+        device = torch.device(device)
+        if device not in self._on:
+            self._on[device] = (self.alpha_nodes.to(device), self.sigma_nodes.to(device))
+        return self._on[device]
 
     def alpha_sigma(self, tau):
         """α(τ), σ(τ) by linear interpolation between the nodes; τ may be fractional. Same dtype as τ."""
         tau = torch.as_tensor(tau)
         dtype = tau.dtype if tau.is_floating_point() else torch.float64
         s = tau.to(torch.float64) - self.tau_min                       # position along the node list
-        if s.numel() and (s.min() < 0 or s.max() > self.tau_max - self.tau_min):
+        if s.device.type == "cpu" and s.numel() and (s.min() < 0 or s.max() > self.tau_max - self.tau_min):
             raise ValueError(f"τ must lie in [{self.tau_min}, {self.tau_max}], got [{s.min().item() - 1}, "
                              f"{s.max().item() - 1}] (zero_snr={self.zero_snr})")
-        a_nodes, s_nodes = self.alpha_nodes.to(s.device), self.sigma_nodes.to(s.device)
+        a_nodes, s_nodes = self.nodes(s.device)   # (range checked on the CPU only: a GPU check stalls each step)
         i = s.floor().long().clamp(max=len(a_nodes) - 2)               # segment [i, i+1]; τ_max ends the last
         w = s - i
         alpha = a_nodes[i] + w * (a_nodes[i + 1] - a_nodes[i])
