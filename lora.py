@@ -37,7 +37,7 @@ Public API
     merge_lora(model), unmerge_lora(model), lora_layers(model), lora_state_dict(model)
     lora_metadata(base, prediction_type, ...) -> dict;  save_lora(path, model, metadata) -> dict
     load_lora(path, model) -> metadata;  read_metadata(path);  companion_path(path)
-    lora_rank(rank, n_in, n_out);  TARGETS, DEFAULT_TARGETS, CONV_IN, CONV_OUT
+    lora_rank(rank, n_in, n_out);  parse_targets(spec, rank);  TARGETS, DEFAULT_TARGETS, PRESETS, CONV_IN, CONV_OUT
 """
 import datetime
 import hashlib
@@ -215,6 +215,27 @@ TARGETS = {
     #        the official code counts SD1's as convs, here they are "proj" in both families)
 }
 DEFAULT_TARGETS = ("conv", "attn", "ff", "proj")  # the paper's "rank 64 on conv, attention, ff"
+# The paper's two LoRA settings (Table 4), as target groups. Counted on SD2.1 (every layer's own rank):
+#   small: rank 64 on conv + attn + ff + proj      61.5 M trained   (the paper: 62 M)
+#   base:  20% on conv + attn + attn_out           217.3 M          (the paper: 222 M; + proj: 227.3 M,
+#          q/k/v alone: 207.4 M; with ff as well, 445 M: twice the paper's, not its setting)
+PRESETS = {"small": DEFAULT_TARGETS, "base": ("conv", "attn", "attn_out")}
+PAPER_TRAINED = {"small": 62e6, "base": 222e6}     # the paper's Table 4 counts, for the printout
+
+
+def parse_targets(spec, rank):
+    """--lora-targets: a preset name or a comma list of TARGETS groups; None picks the paper's setting
+    for the kind of rank (an int: 'small'; a fraction of the width: 'base'). -> (name, groups)."""
+    if spec is None:
+        spec = "base" if isinstance(rank, float) else "small"
+    if spec in PRESETS:
+        return spec, PRESETS[spec]
+    groups = tuple(g for g in spec.split(",") if g)
+    unknown = [g for g in groups if g not in TARGETS]
+    if unknown or not groups:
+        raise ValueError(f"--lora-targets {spec!r}: use a preset ({', '.join(PRESETS)}) or a comma list of "
+                         f"{', '.join(TARGETS)}")
+    return spec, groups
 CONV_IN, CONV_OUT = "input_blocks.0.0", "out.2"  # LDM paths of the first and last conv: the
 # official configs train these in full (full_train=(CONV_IN, CONV_OUT)); CONV_IN is the one that is
 # widened 4 -> 8 channels for image-conditioned tasks.

@@ -76,15 +76,15 @@ def remove_temporaries(folder):
         os.remove(tmp)
 
 
-def missing_shards(folder, prefix, num, shard_size, key=None):
-    """Indices of the shards of rows [0, num) that are not on disk whole; torn ones are removed."""
+def missing_shards(folder, prefix, num, shard_size, key=None, remove=True):
+    """Indices of the shards of rows [0, num) that are not on disk whole; torn ones are removed (remove=True)."""
     if num < 1 or shard_size < 1:
         raise ValueError(f"need num >= 1 and shard_size >= 1, got {num} and {shard_size}")
     todo = []
     for k in range((num + shard_size - 1) // shard_size):
         path = shard_path(folder, prefix, k)
         if shard_rows(path, key) != min(shard_size, num - k * shard_size):
-            if os.path.exists(path):
+            if remove and os.path.exists(path):
                 os.remove(path)
             todo.append(k)
     return todo

@@ -57,7 +57,7 @@ def test_resume_continues_exactly(tiny_ckpt, tmp_path, capsys):
     reports = [(r["kind"], r["step"]) for r in read_log(resumed) if r["kind"].startswith("report")]
     assert reports == [("report_trivial", 0), ("report", 0), ("report", 6)]
     out = capsys.readouterr().out
-    assert f"4 scenes, {train.REPORT_STEPS} steps, ensemble {train.REPORT_ENSEMBLE}" in out
+    assert f"4 items, {train.REPORT_STEPS} steps, ensemble {train.REPORT_ENSEMBLE}" in out
     assert "finetuned (diff2flow, step 6)" in out
     for name in (train.LORA_FILE, "lora.full.safetensors"):
         a, b = load_file(os.path.join(straight, name)), load_file(os.path.join(resumed, name))
