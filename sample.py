@@ -3,7 +3,7 @@ Sample from a finetuned run: depth prediction with an aligned ensemble, and its 
 
     python sample.py --steps 2                                # newest run in runs/, held-out rendered scenes
     python sample.py --input photo.jpg --steps 4 --ensemble 4 --out depth_out
-    python sample.py --eval nyu --data-root nyuv2/ --split nyu_test.txt   # Marigold protocol, Table 2 columns
+    python sample.py --eval all --data-root data/eval         # the paper's Table 2 protocol, all five sets
 
 Per input image it writes, as Marigold does: `<name>_pred.npy` (float32 in [0, 1], 0 = near; LOG depth
 for a log-normalised model, linear for an affine one: the files say which), `<name>_pred.png`
@@ -80,7 +80,7 @@ def pixel_multiple(unet, vae):
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: held-out scenes (train.py's validation) and the paper's Table 2 on the five real sets
 
-# What `--eval` runs. "paper" is Table 2's (§4.4 and appendix A; DESIGN.md "Depth specifics"): every input
+# What `--eval` runs. "paper" is Table 2's (§4.3 and appendix A; DESIGN.md "Depth specifics"): every input
 # resized to the training resolution (3:4 at the run's long edge: 384×512 for the paper's runs), 10 Euler
 # steps, an ensemble of 4, the prediction turned into depth as DepthFM does (exp, min-max) and resized back to
 # the truth's size, then Marigold's least squares in depth space. "native" is what `--eval` ran before: the
