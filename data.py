@@ -1,7 +1,7 @@
 """
 Depth data for diff2flow: rendered scenes (scenes.py) as a data set, the real data sets' file
-layouts, depth normalisation, and the evaluation protocol (least-squares alignment, AbsRel/delta1,
-ensembling).
+layouts, depth normalisation, and the evaluation protocol (least-squares alignment, Marigold's
+metrics, ensembling).
 
 Sections, in the order a reader needs them:
   1. RenderedDepthDataset over the procedural scenes of scenes.py
@@ -567,7 +567,15 @@ def mean_normalized_depth(dataset, n=None, mode="log"):
 
 
 # -----------------------------------------------------------------------------
-# 4. Evaluation protocol (Marigold's, with the alignment space of the model)
+# 4. Evaluation protocol (Marigold's suite; the paper's Table 2 as DESIGN.md reads it)
+#
+# Per image: the model's normalised prediction is turned into what is fitted (prediction_to_depth for
+# Marigold's depth-space fit; the normalised map itself for the log-space fit), resized to the truth's
+# size, aligned by least squares on valid pixels, clipped to the set's range, scored by depth_metrics;
+# the set's numbers are the means of the per-image metrics (as Marigold's eval.py).
+
+# Marigold's metrics (src/util/metric.py, eval.py's order); formulas in depth_metrics.
+METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1", "delta2", "delta3", "i_rmse", "silog")
 
 def fit_scale_shift(pred, target, valid):
     """Least squares a, b minimising sum over valid pixels of (a * pred + b - target)^2, in float64
@@ -586,7 +594,8 @@ def align_prediction(pred, gt, valid, space="log"):
     """Per-image least-squares alignment of a relative prediction to metric ground truth.
     space 'log': fit log g ~ a p + b, return exp(a p + b) (for models of log-normalised depth; the
                official validation aligns in log space too);
-    space 'depth': fit g ~ a p + b, return a p + b (Marigold, for affine-normalised depth).
+    space 'depth': fit g ~ a p + b, return a p + b (Marigold's least squares; give it
+               prediction_to_depth's map, the paper's protocol).
     Returns (aligned depth in metres, a, b)."""
     pred, gt = torch.as_tensor(pred).double(), torch.as_tensor(gt).double()
     valid = torch.as_tensor(valid) & (gt > 0)
@@ -599,22 +608,62 @@ def align_prediction(pred, gt, valid, space="log"):
     raise ValueError(f"unknown alignment space {space!r}: use 'log' or 'depth'")
 
 
+def prediction_to_depth(pred, norm="log"):
+    """A model's normalised output x in [-1, 1] (near = -1) -> relative depth in [0, 1] (near = 0), the
+    way DepthFM writes it: d = minmax(exp(x)) for a log-normalised model, d = minmax(x) for an affine
+    one, minmax(y) = (y - min y) / (max y - min y) over each image (the last two dims).
+    Why exp is not depth: x = 2 (ln z - ln lo) / ln(hi / lo) - 1 for true depth z and the image's
+    unknown quantiles lo, hi, so exp(x) = C * z^k with k = 2 / ln(hi / lo): a power of depth, which
+    Marigold's depth-space fit then maps affinely. min-max is affine, so the fit does not see it: it only
+    keeps the map in [0, 1] as DepthFM and Marigold store it. A constant map becomes 0."""
+    if norm not in NORM_QUANTILES:
+        raise ValueError(f"unknown depth normalisation {norm!r}: use 'log' or 'affine'")
+    x = torch.as_tensor(pred)
+    y = x.double().exp() if norm == "log" else x.double()
+    lo, hi = y.amin(dim=(-2, -1), keepdim=True), y.amax(dim=(-2, -1), keepdim=True)
+    return ((y - lo) / (hi - lo).clamp(min=1e-12)).to(x.dtype)
+
+
 def depth_metrics(pred, gt, valid):
-    """AbsRel = mean |p - g| / g and delta1 = share of max(p/g, g/p) < 1.25, over valid pixels of one image."""
+    """Marigold's ten metrics of one image, over its n valid pixels (p = prediction, g = truth, metres):
+        abs_rel  = mean |p - g| / g
+        sq_rel   = mean (p - g)^2 / g                 (Marigold divides by g, not g^2)
+        rmse     = sqrt(mean (p - g)^2)               (metres)
+        rmse_log = sqrt(mean (ln p - ln g)^2)
+        log10    = mean |log10 p - log10 g|
+        delta_k  = share of max(p / g, g / p) < 1.25^k, k = 1, 2, 3
+        i_rmse   = sqrt(mean (1/p - 1/g)^2)           (inverse depth, 1/m)
+        silog    = 100 * sqrt(mean e^2 - (mean e)^2), e = ln p - ln g   (scale-invariant log error, x100)
+    All are fractions as Marigold's eval.py prints them (papers print AbsRel and delta in %).
+    p must be > 0 on valid pixels: evaluate_depth clips to >= 1e-6 first, as Marigold."""
     pred, gt = torch.as_tensor(pred).double(), torch.as_tensor(gt).double()
-    valid = torch.as_tensor(valid) & (gt > 0)
+    valid = torch.as_tensor(valid).to(gt.device) & (gt > 0)
     if not valid.any():
         raise ValueError("depth_metrics: no valid ground-truth pixels")
     p, g = pred[valid], gt[valid]
+    if not (p > 0).all():
+        raise ValueError("depth_metrics: the prediction must be > 0 on valid pixels (clip it first, as evaluate_depth does)")
+    e = p.log() - g.log()
+    ratio = torch.maximum(p / g, g / p)
+    delta = {f"delta{k}": float((ratio < 1.25 ** k).double().mean()) for k in (1, 2, 3)}
     return dict(abs_rel=float(((p - g).abs() / g).mean()),
-                delta1=float((torch.maximum(p / g, g / p) < 1.25).double().mean()))
+                sq_rel=float(((p - g) ** 2 / g).mean()),
+                rmse=float(((p - g) ** 2).mean().sqrt()),
+                rmse_log=float((e ** 2).mean().sqrt()),
+                log10=float((p.log10() - g.log10()).abs().mean()),
+                **delta,
+                i_rmse=float(((1 / p - 1 / g) ** 2).mean().sqrt()),
+                # mean e^2 - (mean e)^2 is a variance: clamp the float round-off below 0 (a perfect
+                # prediction up to scale would give sqrt of -1e-17 = nan)
+                silog=float(((e ** 2).mean() - e.mean() ** 2).clamp(min=0).sqrt() * 100))
 
 
 def evaluate_depth(pred, gt, valid, kind="rendered", space="log"):
     """One image under the Marigold protocol: align on valid pixels, clip to the data set's depth
-    range (DEPTH_KINDS[kind]; and >= 1e-6), then AbsRel and delta1 over valid pixels. pred is the raw
-    prediction (e.g. the model's normalised output) at gt's size; valid should already hold the
-    data set's crops (the loaders do that). Returns dict(abs_rel, delta1, scale, shift)."""
+    range (DEPTH_KINDS[kind]; and >= 1e-6), then depth_metrics over valid pixels. pred is what the
+    alignment fits, at gt's size: prediction_to_depth(x) for space 'depth' (the paper's protocol; for an
+    affine-normalised model x itself gives the same fit), the normalised x for space 'log'; valid should
+    already hold the data set's crops (the loaders do that). Returns METRICS plus scale and shift."""
     spec = DEPTH_KINDS[kind]
     aligned, a, b = align_prediction(pred, gt, valid, space)
     aligned = aligned.clamp(min=max(spec["min_depth"], 1e-6), max=spec["max_depth"])

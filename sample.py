@@ -3,7 +3,7 @@ Sample from a finetuned run: depth prediction with an aligned ensemble, and its 
 
     python sample.py --steps 2                                # newest run in runs/, held-out rendered scenes
     python sample.py --input photo.jpg --steps 4 --ensemble 4 --out depth_out
-    python sample.py --eval nyu --data-root nyuv2/ --split nyu_test.txt   # Marigold protocol, Table 2 columns
+    python sample.py --eval all --data-root data/eval         # the paper's Table 2 protocol, all five sets
 
 Per input image it writes, as Marigold does: `<name>_pred.npy` (float32 in [0, 1], 0 = near; LOG depth
 for a log-normalised model, linear for an affine one: the files say which), `<name>_pred.png`
@@ -12,6 +12,7 @@ for a log-normalised model, linear for an affine one: the files say which), `<na
 """
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -77,7 +78,32 @@ def pixel_multiple(unet, vae):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation on held-out scenes or a data set (Marigold protocol, alignment space by normalisation)
+# Evaluation: held-out scenes (train.py's validation) and the paper's Table 2 on the five real sets
+
+# What `--eval` runs. "paper" is Table 2's (§4.3 and appendix A; DESIGN.md "Depth specifics"): every input
+# resized to the training resolution (3:4 at the run's long edge: 384×512 for the paper's runs), 10 Euler
+# steps, an ensemble of 4, the prediction turned into depth as DepthFM does (exp, min-max) and resized back to
+# the truth's size, then Marigold's least squares in depth space. "native" is what `--eval` ran before: the
+# aspect ratio kept at the run's long edge, 4 steps, the fit in the space the model predicts (log space for
+# log depth, as the official validation). --steps, --ensemble, --align and --eval-res change one setting.
+PROTOCOLS = {
+    "paper": dict(resize="fixed", align="depth", steps=10, ensemble=4),
+    "native": dict(resize="aspect", align=None, steps=4, ensemble=4),
+}
+# The paper's Table 2 (paper/diff2flow-paper.txt, lines 229-244): (AbsRel, δ1) in %, NFE 10, ensemble 4.
+# The paper took the other methods' numbers from E2E-FT [38]; the table's text is complete there.
+PAPER_TABLE2 = {
+    "Diff2Flow (paper)": dict(nyu=(5.7, 96.7), kitti=(8.7, 92.0), eth3d=(5.5, 97.4), scannet=(6.2, 95.7), diode=(21.6, 79.5)),
+    "Diff2Flow LoRA (paper)": dict(nyu=(5.9, 96.4), kitti=(9.5, 90.8), eth3d=(6.0, 96.8), scannet=(6.4, 95.5),
+                                   diode=(22.6, 78.5)),
+    "Marigold": dict(nyu=(5.5, 96.4), kitti=(9.9, 91.6), eth3d=(6.5, 96.0), scannet=(6.4, 95.1), diode=(30.8, 77.3)),
+    "DepthFM": dict(nyu=(6.0, 95.5), kitti=(9.1, 90.2), eth3d=(6.5, 95.4), scannet=(6.6, 94.9), diode=(22.4, 78.5)),
+    "E2E FT": dict(nyu=(5.2, 96.6), kitti=(9.6, 91.9), eth3d=(6.2, 95.9), scannet=(5.8, 96.2), diode=(30.2, 77.9)),
+}
+SET_TITLES = dict(nyu="NYUv2", kitti="KITTI", eth3d="ETH3D", scannet="ScanNet", diode="DIODE")
+METRIC_TITLES = dict(abs_rel="AbsRel", sq_rel="SqRel", rmse="RMSE", rmse_log="RMSE-log", log10="log10", delta1="δ1",
+                     delta2="δ2", delta3="δ3", i_rmse="i-RMSE", silog="SILog")
+
 
 def alignment_space(norm, override=None):
     """A log-normalised model predicts log depth up to scale and shift: align in log space; an
@@ -85,9 +111,23 @@ def alignment_space(norm, override=None):
     return override or ("log" if norm == "log" else "depth")
 
 
-def evaluate(predict, dataset, kind="rendered", space="log", batch=8, n=None, desc="eval"):
-    """Mean AbsRel/δ1 over a data set, per image: align, clip to the set's range, score valid pixels.
-    predict(rgb (B, 3, H, W)) → normalised prediction (B, 1, H, W) at the input's size."""
+def fit_input(pred, space, norm):
+    """What the alignment fits: for the depth-space fit the prediction turned into depth as DepthFM does
+    (data.prediction_to_depth: exp and min-max for a log model), for the log-space fit the normalised
+    prediction itself (log g ≈ a·x + b)."""
+    return data.prediction_to_depth(pred, norm) if space == "depth" else pred
+
+
+def resize_to(x, hw):
+    """(B, C, h, w) → (B, C, H, W): bilinear with antialiasing, as Marigold resizes inputs and predictions."""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    return F.interpolate(x, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
+
+
+def evaluate(predict, dataset, kind="rendered", space="log", batch=8, n=None, desc="eval", keys=("abs_rel", "delta1")):
+    """Mean metrics (`keys` of data.METRICS) over a data set, per image: align, clip to the set's range,
+    score valid pixels. predict(rgb (B, 3, H, W)) → what the alignment fits (B, 1, H, W) at the input's size."""
     n = len(dataset) if n is None else min(n, len(dataset))
     if n == 0:
         raise ValueError("evaluation data set is empty")
@@ -97,7 +137,7 @@ def evaluate(predict, dataset, kind="rendered", space="log", batch=8, n=None, de
         pred = predict(torch.stack([it["rgb"] for it in items]))
         for it, p in zip(items, pred):
             scores.append(data.evaluate_depth(p[0], it["depth"][0], it["valid"][0], kind, space))
-    return {k: float(np.mean([s[k] for s in scores])) for k in ("abs_rel", "delta1")}
+    return {k: float(np.mean([s[k] for s in scores])) for k in keys}
 
 
 def evaluate_heldout(unet, vae, d2f, context, dataset, objective, steps, norm="log", preview=None, ensemble=1, multires=0.0):
@@ -125,6 +165,121 @@ def evaluate_trivial(train_set, heldout, norm="log", n=500):
     mean_map = data.mean_normalized_depth(train_set, n, norm)          # (1, H, W)
     return evaluate(lambda rgb: mean_map.expand(rgb.shape[0], -1, -1, -1), heldout,
                     space=alignment_space(norm), desc="trivial")
+
+
+def eval_settings(protocol, norm, long_edge, multiple, steps=None, ensemble=None, align=None, eval_res=None, limit=None):
+    """The settings one `--eval` runs with: the protocol's, each flag given on top. 'label' names them for
+    the output files: the protocol, plus what a flag changed ('paper+steps4'), plus '+limitN'.
+    size: the fixed processing size (H, W), 3:4 at the run's long edge unless eval_res 'HxW' gives it;
+    None = aspect ratio kept at long_edge."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown --protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    base = PROTOCOLS[protocol]
+    s = dict(protocol=protocol, norm=norm, steps=steps or base["steps"], ensemble=ensemble or base["ensemble"],
+             align=align or base["align"] or alignment_space(norm), size=None, long_edge=long_edge, limit=limit)
+    changed = [f"{k}{s[k]}" for k in ("steps", "ensemble") if s[k] != base[k]]
+    if s["align"] != (base["align"] or alignment_space(norm)):
+        changed.append(f"align-{s['align']}")
+    if eval_res:
+        hw = eval_res.lower().split("x")
+        if len(hw) != 2 or not all(v.isdigit() and int(v) > 0 for v in hw):
+            raise ValueError(f"--eval-res {eval_res!r}: give HxW, e.g. 384x512")
+        s["size"] = (int(hw[0]), int(hw[1]))
+        if any(v % multiple for v in s["size"]):
+            raise ValueError(f"--eval-res {eval_res}: both sides must be multiples of {multiple} (the model's downsampling)")
+        changed.append(f"res{s['size'][0]}x{s['size'][1]}")
+    elif base["resize"] == "fixed":   # the training resolution: 3:4 at its long edge, 384×512 for 512
+        s["size"] = (max(multiple, round(0.75 * long_edge / multiple) * multiple), long_edge)
+    label = "+".join([protocol] + changed + ([f"limit{limit}"] if limit else []))
+    fit = ("Marigold's least squares in depth space on DepthFM's exp + min-max of the prediction" if s["align"] == "depth"
+           else "least squares in log space (log g ≈ a·x + b, as the official validation)")
+    res = f"every input at {s['size'][0]}×{s['size'][1]}" if s["size"] else f"aspect ratio kept at long edge {long_edge}"
+    steps_text = f"{s['steps']} Euler step{'s' * (s['steps'] > 1)}"
+    quick = f" over the first {limit} images of each set (a quick look, not comparable to the paper)" if limit else ""
+    s.update(label=label, text=f"protocol {label}: {res}, {steps_text}, ensemble {s['ensemble']}, prediction resized back "
+                               f"to the truth's size, {fit}, clipped to each set's depth range; means of per-image "
+                               f"metrics{quick}")
+    return s
+
+
+def eval_datasets(sets, data_root, split=None):
+    """Open the data sets to evaluate, all of them before any prediction, so a missing file fails first.
+    One set: data_root is its extracted folder, split defaults to <data_root>/<set>_test.txt (DEFAULT_SPLITS).
+    Several ('--eval all'): data_root holds one folder per set, named as EVAL_SETS, each with its split file:
+    <data_root>/nyu/nyu_test.txt, <data_root>/kitti/kitti_test.txt, ... Returns {set: DepthFileDataset}."""
+    several = len(sets) > 1
+    if several and split:
+        raise ValueError("--split names one set's split file; with --eval all each set's is <data-root>/<set>/<set>_test.txt")
+    found, missing = {}, []
+    for s in sets:
+        root = os.path.join(data_root, s) if several else data_root
+        try:
+            found[s] = data.DepthFileDataset(s, root, split or os.path.join(root, DEFAULT_SPLITS[s]))
+        except FileNotFoundError as e:
+            missing.append(f"{s}: {e}")
+    if missing:
+        layout = f" (--eval all expects <data-root>/<set>/<set>_test.txt for {', '.join(EVAL_SETS)})" if several else ""
+        raise FileNotFoundError("; ".join(missing) + layout)
+    return found
+
+
+def score_images(predict, dataset, kind, spaces, norm, n=None, desc=None):
+    """Per-image metrics of a data set under each alignment space in `spaces` (the first is the protocol's;
+    another costs one fit, not a prediction). predict(rgb (1, 3, H, W)) → the normalised prediction
+    (1, 1, h, w) at its processing size; each fitted map is resized back to the truth's (H, W), and the
+    truth's depth and valid mask are the file's, never resized. Returns {space: [per-image dicts]}."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    per = {s: [] for s in spaces}
+    for i in tqdm(range(n), desc=desc, unit="img"):        # the bar shows images per second
+        it = dataset[i]
+        pred = predict(it["rgb"][None]).float().cpu()
+        for s in spaces:
+            fit = resize_to(fit_input(pred, s, norm), it["depth"].shape[-2:])[0, 0]
+            per[s].append(dict(name=it["name"], **data.evaluate_depth(fit, it["depth"][0], it["valid"][0], kind, s)))
+    return per
+
+
+def mean_metrics(per_image):
+    return {k: float(np.mean([r[k] for r in per_image])) for k in data.METRICS}
+
+
+def table2_markdown(results, settings, run):
+    """The paper's Table 2 columns (AbsRel, δ1 in %) for ours beside the paper's rows, then all of Marigold's
+    metrics for ours. results: {set: {"images": n, "metrics": {space: means}}}."""
+    spaces = list(next(iter(results.values()))["metrics"])
+
+    def cells(get):
+        return " | ".join(f"{get(s)[0]:.1f} | {get(s)[1]:.1f}" if get(s) else "— | —" for s in EVAL_SETS)
+
+    def ours(space):
+        return lambda s: ((results[s]["metrics"][space]["abs_rel"] * 100, results[s]["metrics"][space]["delta1"] * 100)
+                          if s in results else None)
+    head = " | ".join(f"{SET_TITLES[s]} AbsRel ↓ | {SET_TITLES[s]} δ1 ↑" for s in EVAL_SETS)
+    lines = [f"# Depth evaluation of {run}", "", settings["text"] + ".", "",
+             "Table 2 columns (AbsRel and δ1 in %):", "", f"| method | {head} |", "|---" + "|---:" * 2 * len(EVAL_SETS) + "|"]
+    for i, space in enumerate(spaces):
+        name = f"ours ({space}-space fit{', same predictions' if i else ''})"
+        lines.append(f"| {'**' + name + '**' if i == 0 else name} | {cells(ours(space))} |")
+    for name, row in PAPER_TABLE2.items():
+        lines.append(f"| {name} | {cells(row.get)} |")
+    lines += ["", "Paper rows: the paper's Table 2 (NFE 10, ensemble 4; the other methods' numbers as the paper took "
+                  "them from E2E-FT). Compare ours with them only under protocol paper on the full sets.", "",
+              f"All of Marigold's metrics, ours ({spaces[0]}-space fit), as Marigold's eval.py prints them (fractions; "
+              f"RMSE in m, i-RMSE in 1/m, SILog ×100):", "",
+              "| set | images | " + " | ".join(METRIC_TITLES[k] for k in data.METRICS) + " |",
+              "|---|---:" + "|---:" * len(data.METRICS) + "|"]
+    for s, r in results.items():
+        lines.append(f"| {SET_TITLES[s]} | {r['images']} | " + " | ".join(f"{r['metrics'][spaces[0]][k]:.4f}"
+                                                                         for k in data.METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_text_atomic(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -369,18 +524,28 @@ def main(argv=None):
                    "the untouched prior for t2i)")
     p.add_argument("--ckpt", default=None, help="base checkpoint (default: as train.py finds it)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
-    p.add_argument("--steps", default=4, type=int, help="Euler steps (DDIM steps for a diffusion-objective run)")
+    p.add_argument("--steps", default=None, type=int, help="Euler steps (DDIM steps for a diffusion-objective run; "
+                   "default 4, or --eval's protocol's: 10 for paper)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num", default=8, type=int, help="depth: held-out scenes when no --input; t2i: images (or pairs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     depth = p.add_argument_group("depth")
     depth.add_argument("--input", default=None, help="image or folder (default: held-out rendered scenes)")
-    depth.add_argument("--ensemble", default=4, type=int, help="ensemble members per image")
-    depth.add_argument("--processing-res", default=None, type=int, help="long edge to process at (default: the training resolution's)")
-    depth.add_argument("--eval", default=None, choices=EVAL_SETS, help="evaluate on a data set (Marigold protocol)")
-    depth.add_argument("--data-root", default=None, help="extracted evaluation archive")
-    depth.add_argument("--split", default=None, help="split file (default: <data-root>/<set>_test.txt)")
-    depth.add_argument("--align", default=None, choices=["log", "depth"], help="force the alignment space (default: by the run's normalisation)")
+    depth.add_argument("--ensemble", default=None, type=int, help="ensemble members per image (default 4)")
+    depth.add_argument("--processing-res", default=None, type=int, help="long edge to process at (default: the training "
+                       "resolution's; --eval paper processes at 3:4 of it)")
+    depth.add_argument("--eval", default=None, choices=EVAL_SETS + ("all",), help="evaluate on a data set, or all five "
+                       "(the paper's Table 2 columns; writes <run>/eval_<protocol>.md and .json)")
+    depth.add_argument("--data-root", default=None, help="one set: its extracted archive; all: a folder holding "
+                       "nyu/ kitti/ eth3d/ scannet/ diode/, each with its <set>_test.txt")
+    depth.add_argument("--split", default=None, help="split file of one set (default: <data-root>/<set>_test.txt)")
+    depth.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="paper: Table 2's (training "
+                       "resolution 384x512, 10 steps, ensemble 4, depth-space fit); native: aspect ratio kept, 4 steps, "
+                       "fit in the space the model predicts")
+    depth.add_argument("--align", default=None, choices=["log", "depth"], help="force the alignment space (default: "
+                       "--eval's protocol's; depth space without --eval for an affine model, log space for a log one)")
+    depth.add_argument("--eval-res", default=None, help="HxW every --eval input is resized to (default: the protocol's)")
+    depth.add_argument("--limit", default=None, type=int, help="--eval only the first N images of each set (a quick look)")
     t2i = p.add_argument_group("text-to-image and reflow pairs")
     t2i.add_argument("--prompt", default="", help="a prompt, or a text file with one prompt per line")
     t2i.add_argument("--cfg", default=7.5, type=float, help="classifier-free guidance scale")
@@ -388,8 +553,10 @@ def main(argv=None):
     t2i.add_argument("--save-pairs", default=None, help="write --num reflow pairs to this folder (resumable)")
     t2i.add_argument("--shard-size", default=64, type=int)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.ensemble < 1 or args.num < 1:
-        p.error("--steps, --ensemble and --num must be at least 1")
+    if any(v is not None and v < 1 for v in (args.steps, args.ensemble, args.limit)) or args.num < 1:
+        p.error("--steps, --ensemble, --limit and --num must be at least 1")
+    if not (args.task == "depth" and args.eval):    # --eval leaves them to its protocol
+        args.steps, args.ensemble = args.steps or 4, args.ensemble or 4
     return main_depth(args, p) if args.task == "depth" else main_t2i(args)
 
 
@@ -438,6 +605,10 @@ def main_depth(args, p):
     unet, vae, d2f, context, meta = loaded.unet, loaded.vae, loaded.d2f, loaded.context, loaded.meta
     if meta.get("diff2flow.task", "depth") != "depth":
         raise ValueError(f"{run} is a {meta['diff2flow.task']} run: use --task t2i")
+    if args.eval:
+        if not args.data_root:
+            p.error("--eval needs --data-root (one set's extracted archive, or for all the folder holding one per set)")
+        return main_eval(args, run, loaded)
     objective, norm = loaded.objective, meta.get("diff2flow.norm", "log")
     space = alignment_space(norm, args.align)
     out = args.out or os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "samples")
@@ -455,15 +626,6 @@ def main_depth(args, p):
         back = lambda t: F.interpolate(t, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
         return back(pred), back(spread)
 
-    if args.eval:
-        if not args.data_root:
-            p.error("--eval needs --data-root (the extracted archive)")
-        split = args.split or os.path.join(args.data_root, DEFAULT_SPLITS[args.eval])
-        dataset = data.DepthFileDataset(args.eval, args.data_root, split)
-        scores = evaluate(lambda rgb: predict(rgb)[0], dataset, args.eval, space, batch=1, desc=args.eval)
-        print(f"{args.eval} ({len(dataset)} images): AbsRel {scores['abs_rel'] * 100:.1f}  δ1 {scores['delta1'] * 100:.1f}")
-        return scores
-
     if args.input:
         items = [(os.path.splitext(os.path.basename(f))[0], read_image(f), None) for f in list_inputs(args.input)]
     else:
@@ -477,13 +639,55 @@ def main_depth(args, p):
         write_depth_outputs(out, name, pred01, spread[0, 0].numpy(), norm)
         if truth is not None:
             save_png(os.path.join(out, f"{name}_input.png"), rgb_to_uint8(rgb))
-            scores.append(data.evaluate_depth(pred[0, 0], truth["depth"][0], truth["valid"][0], "rendered", space))
+            fit = fit_input(pred[0, 0], space, norm)   # --align depth on a log model: DepthFM's exp + min-max first
+            scores.append(data.evaluate_depth(fit, truth["depth"][0], truth["valid"][0], "rendered", space))
     print(f"wrote {len(items)} predictions to {out}/ (*_pred.npy in [0, 1] = {'log' if norm == 'log' else 'linear'} "
           f"depth, near = 0; *_pred.png 16-bit; *_pred_colored.png near = red; *_uncertainty.png)")
     if scores:
         print(f"{len(scores)} held-out scenes: AbsRel {np.mean([s['abs_rel'] for s in scores]):.4f}  "
               f"δ1 {np.mean([s['delta1'] for s in scores]):.4f} (too few scenes to compare models: train.py's final "
               f"table uses 256, beside the mean depth map)")
+
+
+def main_eval(args, run, loaded):
+    """--eval SET|all: the protocol's predictions on each set, per-set metrics and the Table 2 columns beside
+    the paper's rows, printed and written next to the run as eval_<label>.md and .json (atomically)."""
+    meta, unet, vae = loaded.meta, loaded.unet, loaded.vae
+    tiny = "tiny" in meta.get("diff2flow.family", "")
+    norm = meta.get("diff2flow.norm", "log")
+    multiple = pixel_multiple(unet, vae)
+    long_edge = args.processing_res or int(meta.get("diff2flow.res_long_edge", 128 if tiny else 512))
+    st = eval_settings(args.protocol, norm, long_edge, multiple, args.steps, args.ensemble, args.align, args.eval_res, args.limit)
+    sets = EVAL_SETS if args.eval == "all" else (args.eval,)
+    datasets = eval_datasets(sets, args.data_root, args.split)
+    spaces = (st["align"], "log" if st["align"] == "depth" else "depth")   # the other fit is free: report both
+    multires = float(meta.get("diff2flow.multires_noise", 0))
+    print(f"run {run}: {loaded.objective} objective, {meta['diff2flow.prediction_type']}-prediction, {norm} depth")
+    print(st["text"])
+
+    def predict(rgb):   # (1, 3, H, W) → normalised prediction (1, 1, h, w) at the processing size
+        size = st["size"] or processing_size(*rgb.shape[-2:], long_edge, multiple)
+        return predict_depth(unet, vae, loaded.d2f, loaded.context, resize_to(rgb, size).to(args.device), loaded.objective,
+                             st["steps"], st["ensemble"], args.seed, multires=multires)[0]
+
+    results, per_image = {}, {}
+    for name, ds in datasets.items():
+        per = score_images(predict, ds, name, spaces, norm, args.limit, desc=name)
+        results[name] = dict(images=len(per[spaces[0]]), metrics={s: mean_metrics(per[s]) for s in spaces})
+        per_image[name] = per
+        m, paper = results[name]["metrics"][spaces[0]], PAPER_TABLE2["Diff2Flow (paper)"][name]
+        print(f"{name} ({results[name]['images']} images): AbsRel {m['abs_rel'] * 100:.1f}  δ1 {m['delta1'] * 100:.1f}  "
+              f"(paper's Diff2Flow: {paper[0]} / {paper[1]})")
+    folder = args.out or (run if os.path.isdir(run) else os.path.dirname(run))
+    stem = os.path.join(folder, f"eval_{st['label']}" + ("" if args.eval == "all" else f"_{args.eval}"))
+    text = table2_markdown(results, st, run)
+    write_text_atomic(stem + ".md", text)
+    record = dict(run=run, settings={k: v for k, v in st.items() if k != "text"}, description=st["text"],
+                  sets={n: dict(r, per_image=per_image[n]) for n, r in results.items()},
+                  paper_table2=dict(source="paper/diff2flow-paper.txt lines 229-244 (AbsRel, δ1 in %)", rows=PAPER_TABLE2))
+    write_text_atomic(stem + ".json", json.dumps(record, indent=1, ensure_ascii=False))
+    print("\n" + text + f"\nwrote {stem}.md and {stem}.json")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,231 @@
+"""Depth evaluation: Marigold's metrics on hand-made cases, the paper's protocol (depth-space fit, 384×512
+and back), and `sample.py --eval all` end to end on small written copies of the five evaluation sets."""
+import math
+
+import pytest
+import torch
+
+import data
+
+
+# --- metrics: each one on arrays small enough to compute by hand --------------------------------------
+
+def test_each_metric_on_a_hand_made_case():
+    ratios = [1.0, 1.2, 1.4, 1.8, 3.0]            # p / g; truth 2 m everywhere, so g² != g (SqRel divides by g)
+    gt, pred = torch.full((5,), 2.0), torch.tensor([2 * r for r in ratios])
+    m = data.depth_metrics(pred, gt, torch.ones(5, dtype=torch.bool))
+    assert set(m) == set(data.METRICS)
+    diff = [2 * r - 2 for r in ratios]            # 0, 0.4, 0.8, 1.6, 4
+    e = [math.log(r) for r in ratios]
+    assert m["abs_rel"] == pytest.approx((0 + 0.2 + 0.4 + 0.8 + 2.0) / 5)
+    assert m["sq_rel"] == pytest.approx((0 + 0.16 + 0.64 + 2.56 + 16) / 2 / 5)          # 1.936, not 0.968
+    assert m["rmse"] == pytest.approx(math.sqrt(sum(d * d for d in diff) / 5))
+    assert m["rmse_log"] == pytest.approx(math.sqrt(sum(x * x for x in e) / 5))
+    assert m["log10"] == pytest.approx(sum(math.log10(r) for r in ratios) / 5)
+    # max(p/g, g/p) = 1, 1.2, 1.4, 1.8, 3 against 1.25, 1.5625, 1.953125
+    assert (m["delta1"], m["delta2"], m["delta3"]) == (pytest.approx(2 / 5), pytest.approx(3 / 5), pytest.approx(4 / 5))
+    assert m["i_rmse"] == pytest.approx(math.sqrt(sum((1 / (2 * r) - 0.5) ** 2 for r in ratios) / 5))
+    mean_e = sum(e) / 5
+    assert m["silog"] == pytest.approx(100 * math.sqrt(sum(x * x for x in e) / 5 - mean_e ** 2))
+
+
+def test_metrics_ignore_invalid_pixels_and_see_scale():
+    gt = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
+    valid = torch.tensor([[True, True], [True, False]])
+    pred = torch.where(valid, 1.5 * gt, torch.tensor(1e4))        # scale 1.5 off, the invalid pixel wild
+    m = data.depth_metrics(pred, gt, valid)
+    assert m["abs_rel"] == pytest.approx(0.5) and m["rmse_log"] == pytest.approx(math.log(1.5))
+    assert m["silog"] == pytest.approx(0, abs=1e-6)              # scale-invariant: a pure scale error is 0
+    assert m["rmse"] == pytest.approx(math.sqrt((0.25 + 1 + 4) / 3))
+    assert m["i_rmse"] == pytest.approx(math.sqrt(sum((1 / (1.5 * g) - 1 / g) ** 2 for g in (1, 2, 4)) / 3))
+    assert (m["delta1"], m["delta2"]) == (0.0, 1.0)              # 1.5 is outside 1.25, inside 1.5625
+    with pytest.raises(ValueError, match="must be > 0"):
+        data.depth_metrics(torch.zeros(2, 2), gt, valid)
+    with pytest.raises(ValueError, match="no valid"):
+        data.depth_metrics(pred, gt, torch.zeros(2, 2, dtype=torch.bool))
+
+
+def test_prediction_to_depth_is_depthfm_exp_then_min_max():
+    x = torch.tensor([[[-1.0, 0.0], [0.5, 1.0]]])                    # (1, 2, 2), near = -1
+    d = data.prediction_to_depth(x, "log")
+    e = torch.exp(x.double())
+    expect = (e - e.min()) / (e.max() - e.min())
+    torch.testing.assert_close(d.double(), expect)
+    assert d.dtype == x.dtype and d.min() == 0 and d.max() == 1 and d[0, 0, 0] == 0     # near stays 0
+    torch.testing.assert_close(data.prediction_to_depth(x, "affine"), (x + 1) / 2)   # affine: min-max only
+    assert data.prediction_to_depth(torch.ones(1, 3, 3), "log").abs().max() == 0      # constant: 0, not nan
+    two = data.prediction_to_depth(torch.stack([x[0], 3 * x[0]]), "log")           # per image, not per batch
+    assert two[1].min() == 0 and two[1].max() == 1
+    with pytest.raises(ValueError, match="normalisation 'metric'"):
+        data.prediction_to_depth(x, "metric")
+
+
+def test_an_affine_map_of_the_truth_scores_zero_error_in_depth_space():
+    g = torch.Generator().manual_seed(0)
+    gt = 0.5 + 9 * torch.rand(24, 32, generator=g, dtype=torch.float64)
+    valid = torch.rand(24, 32, generator=g) > 0.2
+    pred = torch.where(valid, 0.3 * gt + 1.7, torch.tensor(-50.0, dtype=torch.float64))   # invalid pixels wild
+    r = data.evaluate_depth(pred, gt, valid, "nyu", "depth")
+    assert r["scale"] == pytest.approx(1 / 0.3) and r["shift"] == pytest.approx(-1.7 / 0.3)
+    for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "i_rmse", "silog"):
+        assert r[k] == pytest.approx(0, abs=1e-9), k
+    assert r["delta1"] == r["delta2"] == r["delta3"] == 1.0
+    # through the paper's chain: a log-model output whose exp is affine in depth (exp x = 0.2 g + 1) is
+    # exact after DepthFM's exp + min-max and the depth-space fit; the log-space fit of the same x is not
+    x = torch.log(0.2 * gt + 1)
+    r = data.evaluate_depth(data.prediction_to_depth(x, "log"), gt, valid, "nyu", "depth")
+    assert r["abs_rel"] < 1e-9 and r["silog"] < 1e-5
+    assert data.evaluate_depth(x, gt, valid, "nyu", "log")["abs_rel"] > 0.01
+
+
+# --- the protocol in sample.py -----------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import sample  # noqa: E402
+import train  # noqa: E402
+from test_depth import FAST, no_temp_files, tiny_ckpt  # noqa: E402,F401  (the tiny checkpoint fixture)
+
+
+def test_protocol_settings_and_labels():
+    st = sample.eval_settings("paper", "log", 512, 64)                 # an SD run trained at 384×512
+    assert (st["size"], st["steps"], st["ensemble"], st["align"], st["label"]) == ((384, 512), 10, 4, "depth", "paper")
+    assert "384×512" in st["text"] and "10 Euler steps" in st["text"]
+    assert sample.eval_settings("paper", "log", 128, 32)["size"] == (96, 128)   # the tiny prior's training size
+    st = sample.eval_settings("paper", "log", 512, 64, steps=4, align="log", limit=5)
+    assert st["label"] == "paper+steps4+align-log+limit5" and "not comparable" in st["text"]
+    native = sample.eval_settings("native", "log", 512, 64)
+    assert native["size"] is None and native["align"] == "log" and native["steps"] == 4 and native["label"] == "native"
+    assert sample.eval_settings("native", "affine", 512, 64)["align"] == "depth"   # the space the model predicts
+    assert sample.eval_settings("native", "log", 512, 64, eval_res="256x320")["size"] == (256, 320)
+    for bad in ("384", "384x500", "axb"):
+        with pytest.raises(ValueError, match="--eval-res"):
+            sample.eval_settings("paper", "log", 512, 64, eval_res=bad)
+
+
+def test_the_384x512_resize_and_back_keeps_the_truths_size_and_valid_mask(monkeypatch):
+    """Inputs of any size run at 384×512; each fitted map comes back at the truth's size, scored on the
+    file's own valid mask; a model that predicts the truth's normalised log depth scores near zero."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for h, w in ((352, 1216), (480, 640), (45, 70)):
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        depth = (1 + 4 * yy + 2 * xx)[None]
+        valid = torch.rand(1, h, w, generator=g) > 0.3
+        items.append(dict(rgb=torch.zeros(3, h, w), depth=depth * valid, valid=valid, name=f"{h}x{w}", truth=depth))
+    st = sample.eval_settings("paper", "log", 512, 64)
+    seen_in, seen_fit = [], []
+
+    def predict(rgb):   # stands in for the model: the truth's normalised log depth, at the processing size
+        seen_in.append(tuple(rgb.shape))
+        it = items[len(seen_in) - 1]
+        x = data.normalize_depth(it["truth"], torch.ones_like(it["valid"]), "log", q=0)[0]
+        return sample.resize_to(x[None], st["size"])
+
+    real = data.evaluate_depth
+
+    def spy(pred, gt, valid, kind, space):
+        seen_fit.append((space, tuple(pred.shape), valid))
+        return real(pred, gt, valid, kind, space)
+
+    monkeypatch.setattr(data, "evaluate_depth", spy)
+    per = sample.score_images(lambda rgb: predict(sample.resize_to(rgb, st["size"])), items, "rendered",
+                              ("depth", "log"), "log")
+    assert seen_in == [(1, 3, 384, 512)] * 3
+    assert [f[0] for f in seen_fit] == ["depth", "log"] * 3
+    for k, it in enumerate(items):
+        for space, shape, valid in seen_fit[2 * k:2 * k + 2]:
+            assert shape == tuple(it["depth"].shape[-2:]) and torch.equal(valid, it["valid"][0])
+    for space in ("depth", "log"):
+        assert [r["name"] for r in per[space]] == ["352x1216", "480x640", "45x70"]
+        assert max(r["abs_rel"] for r in per[space]) < 0.01, space   # only the resampling's error is left
+
+
+def _write_five_sets(root, n=2):
+    """Small copies of the five evaluation sets in their real layouts, as `--eval all` expects them:
+    <root>/<set>/ with <root>/<set>/<set>_test.txt. KITTI is big enough for its benchmark crop."""
+    rng = np.random.default_rng(0)
+    sizes = dict(nyu=(48, 64), kitti=(360, 1230), eth3d=(40, 60), scannet=(48, 64), diode=(48, 64))
+    for name, (h, w) in sizes.items():
+        yy, xx = np.mgrid[0:h, 0:w]
+        samples = [dict(rgb=rng.random((h, w, 3)), depth=1.0 + 5.0 * yy / h + 2.0 * xx / w + i,
+                        valid=rng.random((h, w)) > 0.1) for i in range(n)]
+        split = data.write_depth_set(name, os.path.join(root, name), samples)
+        os.replace(split, os.path.join(root, name, sample.DEFAULT_SPLITS[name]))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_ckpt, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("run") / "depth")
+    train.main(["--ckpt", tiny_ckpt, "--steps", "1", "--out", run, *FAST])
+    return run
+
+
+def test_eval_all_runs_end_to_end_and_writes_the_table(tiny_ckpt, tiny_run, tmp_path, capsys, monkeypatch):
+    root = str(tmp_path / "sets")
+    _write_five_sets(root)
+    calls, real = [], sample.predict_depth
+
+    def spy(unet, vae, d2f, context, rgb, objective, steps, ensemble, *rest, **kw):
+        calls.append((tuple(rgb.shape), steps, ensemble))
+        return real(unet, vae, d2f, context, rgb, objective, steps, ensemble, *rest, **kw)
+
+    monkeypatch.setattr(sample, "predict_depth", spy)
+    results = sample.main(["--run", tiny_run, "--ckpt", tiny_ckpt, "--eval", "all", "--data-root", root,
+                           "--steps", "1", "--ensemble", "2"])
+    out, err = capsys.readouterr()
+    assert "protocol paper+steps1+ensemble2: every input at 24×32, 1 Euler step, ensemble 2" in out
+    assert "img/s" in err                                                # a progress bar per set, images per second
+    assert list(results) == list(sample.EVAL_SETS)
+    assert calls == [((1, 3, 24, 32), 1, 2)] * 10      # every image of every set at 3:4 of the run's long edge
+    stem = os.path.join(tiny_run, "eval_paper+steps1+ensemble2")
+    with open(stem + ".json") as f:
+        rec = json.load(f)
+    with open(stem + ".md") as f:
+        md = f.read()
+    assert rec["settings"]["size"] == [24, 32] and rec["settings"]["align"] == "depth"
+    for name in sample.EVAL_SETS:
+        s = rec["sets"][name]
+        assert s["images"] == 2 and set(s["metrics"]) == {"depth", "log"}
+        assert set(s["metrics"]["depth"]) == set(data.METRICS)
+        assert len(s["per_image"]["depth"]) == 2
+        m = s["metrics"]["depth"]
+        assert m["abs_rel"] == pytest.approx(np.mean([r["abs_rel"] for r in s["per_image"]["depth"]]))
+        assert 0 < m["abs_rel"] < 1 and 0 <= m["delta1"] <= m["delta2"] <= m["delta3"] <= 1
+    # the markdown: our row carries the JSON's numbers in %, beside the paper's own row
+    ours = next(line for line in md.splitlines() if line.startswith("| **ours (depth-space fit)**"))
+    expect = " | ".join(f"{rec['sets'][s]['metrics']['depth']['abs_rel'] * 100:.1f} | "
+                        f"{rec['sets'][s]['metrics']['depth']['delta1'] * 100:.1f}" for s in sample.EVAL_SETS)
+    assert ours.endswith(expect + " |")
+    paper = next(line for line in md.splitlines() if line.startswith("| Diff2Flow (paper)"))
+    assert paper.split(" | ")[1:3] == [str(v) for v in sample.PAPER_TABLE2["Diff2Flow (paper)"]["nyu"]]
+    assert sum(line.startswith("|---") for line in md.splitlines()) == 2      # two tables
+    assert "SILog" in md and no_temp_files(tiny_run)
+    # --limit: a quick look, its own file, said to be not comparable; the default protocol is paper's
+    sample.main(["--run", tiny_run, "--ckpt", tiny_ckpt, "--eval", "kitti", "--data-root", os.path.join(root, "kitti"),
+                 "--limit", "1", "--protocol", "native", "--out", str(tmp_path / "quick")])
+    with open(tmp_path / "quick" / "eval_native+limit1_kitti.json") as f:
+        quick = json.load(f)
+    assert list(quick["sets"]) == ["kitti"] and quick["sets"]["kitti"]["images"] == 1
+    assert quick["settings"]["steps"] == 4 and quick["settings"]["align"] == "log" and quick["settings"]["size"] is None
+
+
+def test_missing_sets_and_files_are_named(tiny_ckpt, tiny_run, tmp_path):
+    root = tmp_path / "sets"
+    _write_five_sets(str(root), n=1)
+    os.rename(root / "scannet", root / "scannet_elsewhere")
+    os.remove(root / "diode" / "diode_test.txt")
+    args = ["--run", tiny_run, "--ckpt", tiny_ckpt, "--eval", "all", "--data-root", str(root), "--steps", "1"]
+    with pytest.raises(FileNotFoundError) as e:
+        sample.main(args)
+    msg = str(e.value)
+    assert str(root / "scannet") in msg and str(root / "diode" / "diode_test.txt") in msg
+    assert "<data-root>/<set>/<set>_test.txt" in msg and "nyu:" not in msg and "kitti:" not in msg
+    with pytest.raises(ValueError, match="--split names one set's"):
+        sample.main(args + ["--split", "x.txt"])
+    os.remove(root / "nyu" / data.LAYOUTS["nyu"][0].format(i=0, g=0, s="test"))     # an image the split lists
+    with pytest.raises(FileNotFoundError, match="missing file: .*rgb_0000.png"):
+        sample.main(["--run", tiny_run, "--ckpt", tiny_ckpt, "--eval", "nyu", "--data-root", str(root / "nyu"), "--steps", "1"])
