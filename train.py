@@ -396,8 +396,8 @@ class DepthTask:
     def _scores(self, evaluate, dataset):
         """Each rank scores its share of the held-out items; the means over all of them, on every rank."""
         part = torch.utils.data.Subset(dataset, range(self.rank, len(dataset), self.world))
-        scores = evaluate(part)
-        return all_ranks_mean(scores, len(part), self.world, self.device)
+        scores = all_ranks_mean(evaluate(part), len(part), self.world, self.device)
+        return dict(scores, items=len(dataset), items_this_rank=len(part))
 
     def baseline(self):
         return dict(kind="trivial", **self.trivial(self.heldout))
@@ -615,7 +615,7 @@ def apply_defaults(args, info, world, log):
     if args.cache_dir is None:
         args.cache_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "latent_cache")
     if args.workers is None:
-        args.workers = 4 if args.hypersim or args.vkitti else 0
+        args.workers = min(4, os.cpu_count() or 1) if args.hypersim or args.vkitti else 0
     effective = args.batch_size * args.grad_accum * world
     log(f"batch {effective} per optimizer step = {args.batch_size} per process x {args.grad_accum} accumulation x "
         f"{world} process{'es' if world > 1 else ''}; {args.steps} steps, lr {args.lr:g} ({args.warmup} warm-up, "
