@@ -743,6 +743,8 @@ def main(argv=None):
             sec = time.time() - t0
             rec = dict(step=done, kind="train", loss=loss_sum.item() / n_logged, lr=lr_at(step, args), sec=sec,
                        data_share=t_data / max(sec, 1e-9))
+            if device.startswith("cuda"):
+                rec["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
             bar.set_postfix(loss=f"{rec['loss']:.4f}", data=f"{rec['data_share']:.1%}")
             write_log(rec)
             loss_sum.zero_()
