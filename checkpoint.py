@@ -29,12 +29,14 @@ from dataclasses import dataclass, field, replace
 import os
 import pickle
 import re
+import shutil
 import warnings
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lora import companion_path
 from text_encoder import TextEncoder, hf_clip_to_open_clip, open_clip_to_hf_clip, text_config_from_state_dict
 from unet import SD1_UNET, SD2_UNET, UNetModel, unet_config_from_state_dict
 from vae import TAESD, AutoencoderKL, vae_config_from_state_dict
@@ -348,3 +350,211 @@ def load_taesd(encoder_path, decoder_path=None, device="cpu", dtype=torch.float3
         load_strict(taesd.encoder, read_state_dict(encoder_path)[0], f"{encoder_path}: TAESD encoder")
         load_strict(taesd.decoder, read_state_dict(decoder_path)[0], f"{decoder_path}: TAESD decoder")
     return taesd.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------- run folders (train.py writes, sample.py reads)
+#
+#   runs/depth/ckpt_000200/{lora.safetensors, lora.full.safetensors, state.pt}   one complete checkpoint
+#   runs/depth/ckpt_000400/...                                                   the newest KEEP_CHECKPOINTS
+#   runs/depth/latest                   "ckpt_000400": the checkpoint to read, replaced atomically
+#   runs/depth/lora.safetensors (+ .full)   hard links to latest's files, for other tools and --init-lora
+#   runs/depth/log.jsonl, preview_*.png
+#
+# Why this layout: a checkpoint is several files (the LoRA, its companion of fully trained convs, the
+# optimizer state), and no file system renames several files at once. So each set is written into a
+# temporary folder `ckpt_000400.tmp<pid>`, which is renamed to `ckpt_000400` only when every file is
+# written (one atomic rename: a folder of that name is always complete), and then `latest` is switched
+# to it with os.replace. A kill at any moment leaves `latest` naming a complete set (the old or the new
+# one), so --resume and sample.py --run read the files of one step. The top-level LoRA pair is a
+# convenience copy (hard links: no extra disk) published after the switch; a kill between its two
+# files can leave them from two steps, which load_lora refuses by the LoRA hash the companion records,
+# and the next save or --resume republishes them. Old sets are renamed `.del<pid>` before deletion, so
+# a half-deleted folder never looks complete. Temporary names carry the writer's pid: on start,
+# train.py removes those of processes that no longer run.
+
+RUN_LORA, RUN_STATE, RUN_LATEST = "lora.safetensors", "state.pt", "latest"
+KEEP_CHECKPOINTS = 2      # the newest sets kept in a run folder (each holds the optimizer state: large on SD)
+STEP_DIR = re.compile(r"ckpt_(\d+)$")
+STALE_NAME = re.compile(r"\.(?:tmp|del)(\d+)(?:\.|$)")
+
+
+def step_dir(run, step):
+    return os.path.join(run, f"ckpt_{step:06d}")
+
+
+def _complete_sets(run):
+    """{step: folder} of the complete checkpoint folders in run (temporary and half-deleted ones excluded)."""
+    found = {}
+    for name in os.listdir(run) if os.path.isdir(run) else ():
+        m = STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(run, name, RUN_LORA)):
+            found[int(m.group(1))] = os.path.join(run, name)
+    return found
+
+
+def latest_checkpoint(run):
+    """The folder of run's newest complete checkpoint: the one `latest` names; without a readable
+    pointer (none written yet, or its folder deleted by hand) the complete set of the highest step.
+    None when the run has no checkpoint."""
+    try:
+        with open(os.path.join(run, RUN_LATEST)) as f:
+            name = f.read().strip()
+        if STEP_DIR.match(name) and os.path.isfile(os.path.join(run, name, RUN_LORA)):
+            return os.path.join(run, name)
+    except OSError:
+        pass
+    sets = _complete_sets(run)
+    return sets[max(sets)] if sets else None
+
+
+def run_lora(run):
+    """The LoRA file to sample a run with: a LoRA file as given; for a run folder the LoRA of its
+    newest complete checkpoint (a step folder, or an old-layout folder, is read directly)."""
+    if run.endswith(".safetensors") or not os.path.isdir(run):
+        return run
+    ckpt = latest_checkpoint(run)
+    return os.path.join(ckpt or run, RUN_LORA)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    if os.path.lexists(tmp):                             # left by a killed process that had this pid
+        os.remove(tmp)
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _remove_tree(path):
+    """Rename to a `.del<pid>` name first: a folder half deleted by a kill never looks complete."""
+    trash = f"{path}.del{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(src, dst):
+    """dst becomes the same file as src (a hard link; a copy where links are not supported)."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return                                           # (rename onto a link of the same file is a no-op)
+    def link(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    _replace_atomically(dst, link)
+
+
+def _publish_set(run, ckpt):
+    """The top-level LoRA pair becomes ckpt's (the convenience copies other tools and --init-lora read)."""
+    for name in (RUN_LORA, companion_path(RUN_LORA)):
+        src, dst = os.path.join(ckpt, name), os.path.join(run, name)
+        if os.path.exists(src):
+            _publish(src, dst)
+        elif os.path.exists(dst):
+            os.remove(dst)
+
+
+def commit_checkpoint(run, step, write, keep=KEEP_CHECKPOINTS):
+    """Write one checkpoint set with write(folder) and make it the run's latest, all or nothing
+    (see the layout above). Returns the step folder."""
+    tmp = f"{step_dir(run, step)}.tmp{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    write(tmp)
+    for name in os.listdir(tmp):
+        _fsync(os.path.join(tmp, name))                  # on disk before any name points at them
+    final = step_dir(run, step)
+    if os.path.exists(final):                            # this step saved before a crash, or by an older run
+        _remove_tree(final)
+    os.rename(tmp, final)                                # the commit: a folder of this name is complete
+    _fsync(run)                                          # (the rename itself on disk, for power cuts)
+
+    def point(path):
+        with open(path, "w") as f:
+            f.write(os.path.basename(final) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    _replace_atomically(os.path.join(run, RUN_LATEST), point)
+    _fsync(run)
+    _publish_set(run, final)
+    # prune: sets of later steps are stale (an older run in this folder, or a set this run will write
+    # again after a resume); of the earlier ones keep the newest keep - 1
+    sets = _complete_sets(run)
+    older = sorted(s for s in sets if s < step)
+    for s in [s for s in sets if s > step] + older[:max(0, len(older) - (keep - 1))]:
+        _remove_tree(sets[s])
+    return final
+
+
+def tidy_run(run):
+    """After a kill: delete the temporary files and folders (`*.tmp<pid>*`, `*.del<pid>`) that writers
+    left in run, those of processes that no longer run (and this one's), and republish the top-level
+    LoRA pair from the latest checkpoint (a kill may have torn it). Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(run)) if os.path.isdir(run) else ():
+        m = STALE_NAME.search(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue                                     # another process may still be writing it
+        path = os.path.join(run, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        removed.append(name)
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        _publish_set(run, ckpt)
+    return removed
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- command-line checks (train.py, sample.py)
+
+def device_problem(name):
+    """None if torch can use device `name` here, else one line saying which devices exist."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"--device {name!r} is not a device name: use cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            return f"--device {name}: this machine has no CUDA device; use --device cpu"
+        if dev.index is not None and dev.index >= n:
+            return f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available here; use --device cpu"
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        return f"--device {name}: use cpu, cuda or cuda:N"
+    return None
+
+
+def parse_hw(res, flag="--res"):
+    """'384x512' -> (384, 512); ValueError naming the flag otherwise."""
+    try:
+        h, w = (int(v) for v in str(res).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{flag} must look like HxW, e.g. 384x512, got {res!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{flag} {res}: height and width must be positive")
+    return h, w

@@ -205,7 +205,17 @@ def _open_image(path):
 
 def read_rgb(path):
     """An RGB image file -> float32 (H, W, 3) in [0, 1]."""
-    return np.asarray(_open_image(path).convert("RGB"), np.float32) / 255.0
+    return rgb01(_open_image(path))
+
+
+def rgb01(img):
+    """A PIL image -> float32 (H, W, 3) in [0, 1]. 16-bit grey PNGs/TIFFs (modes I;16*, I) are scaled by
+    65535: PIL's convert("RGB") clips them at 255, which reads a photo as nearly all white. (16-bit RGB
+    PNGs PIL opens as 8-bit RGB itself.)"""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img, np.float32) / 65535.0
+        return np.repeat(grey.clip(0, 1)[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), np.float32) / 255.0
 
 
 def read_png16(path):

@@ -24,6 +24,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import data
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD = "pairs_{:05d}.safetensors"
 
@@ -32,7 +34,7 @@ def load_rgb(path, size):
     """An image file → (3, H, W) in [-1, 1]: shorter side resized to fit size = (H, W), centre-cropped."""
     try:
         with Image.open(path) as im:
-            x = torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1)
+            x = torch.from_numpy(data.rgb01(im) * 2 - 1).permute(2, 0, 1)   # 16-bit files too
     except Exception as e:     # PIL raises several kinds for unreadable or truncated files
         raise ValueError(f"cannot read image {path}: {e}") from None
     h, w = x.shape[-2:]

@@ -21,6 +21,7 @@ File format (what ComfyUI, A1111 and diffusers read, see DESIGN.md "LoRA"):
     lora_unet_<module path, dots as underscores>.lora_down.weight   (r, in) or (r, in, k, k)
     lora_unet_<...>.lora_up.weight                                  (out, r) or (out, r, 1, 1)
     lora_unet_<...>.alpha                                           scalar; scale = alpha / r
+                                                                    (one alpha for all layers: save_lora)
   with the LDM module path relative to the UNet (no `model.diffusion_model.` prefix), e.g.
   `lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q`. LoRA tensors only: diffusers
   refuses a kohya file with any other key. Parameters trained in full (the widened input conv, the
@@ -34,7 +35,7 @@ File format (what ComfyUI, A1111 and diffusers read, see DESIGN.md "LoRA"):
 
 Public API
     inject_lora(model, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, full_train=()) -> names
-    merge_lora(model), unmerge_lora(model), lora_layers(model), lora_state_dict(model)
+    merge_lora(model), unmerge_lora(model), bake_lora(model), lora_layers(model), lora_state_dict(model)
     lora_metadata(base, prediction_type, ...) -> dict;  save_lora(path, model, metadata) -> dict
     load_lora(path, model) -> metadata;  read_metadata(path);  companion_path(path)
     lora_rank(rank, n_in, n_out);  parse_targets(spec, rank);  TARGETS, DEFAULT_TARGETS, PRESETS, CONV_IN, CONV_OUT
@@ -318,6 +319,20 @@ def merge_lora(model, keep_copy=True):
         m.merge(keep_copy)
 
 
+def bake_lora(model):
+    """Merge every LoRA into its weight for good and turn the layers back into plain nn.Linear/nn.Conv2d
+    sharing the merged weights: a finetuned model to start something new from (train a new LoRA on it)."""
+    for name, m in lora_layers(model):
+        m.merge(keep_copy=False)
+        if isinstance(m, nn.Conv2d):
+            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                              bias=m.bias is not None, padding_mode=m.padding_mode, device="meta")
+        else:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        _replace(model, name, plain.train(m.training))
+
+
 def unmerge_lora(model):
     for _, m in lora_layers(model):
         m.unmerge()
@@ -411,21 +426,28 @@ def save_lora(path, model, metadata=None, dtype=torch.float32):
     layers = lora_layers(model)
     if len({kohya_name(n) for n, _ in layers}) != len(layers):
         raise ValueError("two LoRA module paths give the same kohya name (they differ only in '.' vs '_')")
+    # One alpha for every layer, the top-rank layer's (kohya's ss_network_alpha). A layer with another
+    # alpha (a fractional rank with alpha = rank per layer) gets its ratio folded into up: then
+    # (alpha_file / r) * up' @ down = (alpha / r) * up @ down, the same function. Readers differ in how
+    # they take per-layer alphas (diffusers 0.42 gives every attention projection the file's most common
+    # one: SD1's output 11% off at rank 0.2, issue #22), and all of them read a uniform alpha alike.
+    top = max(layers, key=lambda nm: nm[1].rank)[1] if layers else None
     tensors = {}
     for name, m in layers:
         key = kohya_name(name)
+        up = m.lora_up.weight.detach()
+        if m.alpha != top.alpha and top.alpha != 0:
+            up = up.double() * (m.alpha / top.alpha)
         tensors[key + ".lora_down.weight"] = m.lora_down.weight.detach().to("cpu", dtype).contiguous()
-        tensors[key + ".lora_up.weight"] = m.lora_up.weight.detach().to("cpu", dtype).contiguous()
-        tensors[key + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+        tensors[key + ".lora_up.weight"] = up.to("cpu", dtype).contiguous()
+        tensors[key + ".alpha"] = torch.tensor(top.alpha if top.alpha != 0 else m.alpha, dtype=torch.float32)
     lora_ids = {id(p) for _, m in layers for p in (m.lora_down.weight, m.lora_up.weight)}
     full = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
             if p.requires_grad and id(p) not in lora_ids}
     if not tensors and not full:
         raise ValueError("nothing to save: the model has no LoRA layers and no trainable parameters")
 
-    # kohya's ss_network_dim/alpha are single numbers; with a fractional rank the layers differ, so
-    # write the largest rank and its alpha (readers use the per-layer .alpha tensors anyway)
-    top = max(layers, key=lambda nm: nm[1].rank)[1] if layers else None
+    # kohya's ss_network_dim is a single number; with a fractional rank the layers differ: write the largest
     groups = sorted({target_group(n) for n, _ in layers} - {None})
     ranks = sorted({m.rank for _, m in layers})
     meta = {
@@ -460,17 +482,20 @@ def save_lora(path, model, metadata=None, dtype=torch.float32):
 def read_metadata(path):
     """The safetensors metadata of a LoRA file (no tensors read): what sampling needs to know
     (prediction type, zero-SNR, task, objective, UNet input channels) before building the model."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    return _read(path, tensors=False)[1]
 
 
-def _read(path):
+def _read(path, tensors=True):
+    """(tensors, metadata) of a safetensors file; a truncated or corrupt file is one ValueError line."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), (f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for short files and bad headers
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt? {reason}): "
+                         f"write it again, or use another checkpoint of the run (its ckpt_* folders)") from None
 
 
 def load_lora(path, model):
@@ -483,14 +508,20 @@ def load_lora(path, model):
     """
     tensors, meta = _read(path)
     side = companion_path(path)
-    full, _ = _read(side) if os.path.exists(side) else ({}, {})
+    full, side_meta = _read(side) if os.path.exists(side) else ({}, {})
+    # the companion records the hash of the LoRA it was saved with: a pair from two saves is refused
+    mine, theirs = meta.get("sshs_model_hash"), side_meta.get("sshs_model_hash")
+    if mine and theirs and mine != theirs:
+        raise ValueError(f"{side} belongs to another save than {path} (step {side_meta.get('diff2flow.step', '?')} "
+                         f"vs {meta.get('diff2flow.step', '?')}): load the run folder (its newest complete "
+                         f"checkpoint) or a pair from one ckpt_* folder")
 
     # 1. the input-conv width: a depth LoRA (8 channels) on a 4-channel base is refused by name
     want, have = meta.get("diff2flow.unet_in_channels"), _input_channels(model)
     if want is not None and have is not None and int(want) != have:
         raise ValueError(f"{path} was trained on a UNet with {want} input channels "
-                         f"(task {meta.get('diff2flow.task', '?')}), the model has {have}: widen the "
-                         f"input conv ({CONV_IN}) to {want} channels before loading")
+                         f"(task {meta.get('diff2flow.task', '?')}), the model has {have}: load it onto a model "
+                         f"built for that task (in code: widen the input conv {CONV_IN} to {want} channels first)")
 
     # 2. group the file's keys by module and check they name Linear/Conv2d layers of this model
     by_key = {kohya_name(n): (n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}

@@ -114,7 +114,7 @@ def run_once(name, args, steps):
     done = [r for r in read_log(out) if r["kind"] == "val" and r["step"] == steps]
     if done:
         return
-    resume = os.path.exists(os.path.join(out, train.STATE_FILE))
+    resume = train.latest_checkpoint(out) is not None
     print(f"\n=== {name} ({'resuming' if resume else 'new'}) ===")
     train.main(["--out", out, *args, *(["--resume"] if resume else [])])
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import data
 import data_t2i
-from checkpoint import find_checkpoint, load_sd_checkpoint
+from checkpoint import STALE_NAME, STEP_DIR, device_problem, find_checkpoint, load_sd_checkpoint, parse_hw, run_lora
 from diff2flow import Diff2Flow, conditioned, multires_noise
 from lora import load_lora, merge_lora, read_metadata
 from unet import widen_input_conv
@@ -327,13 +327,25 @@ def write_depth_outputs(out_dir, name, pred01, spread, norm):
 # Loading a run
 
 def newest_run(root=RUNS, task="depth"):
-    """The most recently written LoRA of `task` under runs/ (train.py's default output folder)."""
-    found = set(glob.glob(os.path.join(root, LORA_FILE)) + glob.glob(os.path.join(root, "**", LORA_FILE), recursive=True))
-    found = [f for f in found if read_metadata(f).get("diff2flow.task", task) == task]
+    """The run folder under runs/ (train.py's default output folder) whose newest complete checkpoint of
+    `task` was written last (step folders, temporary and half-deleted ones are not runs of their own)."""
+    runs = set()
+    for f in glob.glob(os.path.join(root, "**", LORA_FILE), recursive=True):
+        parts = os.path.relpath(f, root).split(os.sep)[:-1]
+        if any(STALE_NAME.search(p) for p in parts):
+            continue
+        while parts and STEP_DIR.match(parts[-1]):     # runs/depth/ckpt_000200/lora.safetensors: run runs/depth
+            parts.pop()
+        runs.add(os.path.join(root, *parts))
+    found = {}
+    for run in runs:
+        path = run_lora(run)
+        if os.path.exists(path) and read_metadata(path).get("diff2flow.task", task) == task:
+            found[run] = os.path.getmtime(path)
     if not found:
         raise FileNotFoundError(f"no trained {task} run under {root}/ (looked for {LORA_FILE}): run "
                                 f"`python train.py --task {task}` first, or pass --run")
-    return max(found, key=os.path.getmtime)
+    return max(found, key=found.get)
 
 
 class Loaded:
@@ -357,7 +369,7 @@ def load_run(run=None, ckpt=None, device="cpu"):
     through Diff2Flow on its own schedule."""
     meta = {}
     if run is not None:
-        path = run if run.endswith(".safetensors") else os.path.join(run, LORA_FILE)
+        path = run_lora(run)             # a run folder: the LoRA of its newest complete checkpoint
         if not os.path.exists(path):
             raise FileNotFoundError(f"no LoRA file at {path}: pass a run folder written by train.py or its lora.safetensors")
         meta = read_metadata(path)
@@ -511,7 +523,7 @@ def read_image(path):
     """(3, H, W) in [-1, 1]; a clear error for a file PIL cannot read."""
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1
+            rgb = data.rgb01(im) * 2 - 1                 # 16-bit files too (data.rgb01)
     except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError for truncation)
         raise ValueError(f"cannot read image {path}: {e}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1)
@@ -553,10 +565,26 @@ def main(argv=None):
     t2i.add_argument("--save-pairs", default=None, help="write --num reflow pairs to this folder (resumable)")
     t2i.add_argument("--shard-size", default=64, type=int)
     args = p.parse_args(argv)
-    if any(v is not None and v < 1 for v in (args.steps, args.ensemble, args.limit)) or args.num < 1:
-        p.error("--steps, --ensemble, --limit and --num must be at least 1")
+    for flag in ("steps", "ensemble", "num", "limit", "shard_size", "processing_res"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} {value}: must be at least 1")
     if not (args.task == "depth" and args.eval):    # --eval leaves them to its protocol
         args.steps, args.ensemble = args.steps or 4, args.ensemble or 4
+    if args.res is not None:
+        try:
+            parse_hw(args.res)
+        except ValueError as e:
+            p.error(str(e))
+    for flag in ("out", "save_pairs"):
+        path = getattr(args, flag)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            p.error(f"--{flag.replace('_', '-')} {path} is a file: give a folder (it is created if missing)")
+    if args.run and not os.path.exists(args.run):
+        p.error(f"--run {args.run}: no such run folder or LoRA file")
+    problem = device_problem(args.device)
+    if problem:
+        p.error(problem)
     return main_depth(args, p) if args.task == "depth" else main_t2i(args)
 
 
@@ -564,7 +592,7 @@ def main_t2i(args):
     loaded = load_run(args.run, args.ckpt, args.device)
     tiny = loaded.meta.get("diff2flow.family") == "tiny"
     if args.res:
-        hw = tuple(int(v) for v in args.res.lower().split("x"))
+        hw = parse_hw(args.res)
     else:
         long_edge = int(loaded.meta.get("diff2flow.res_long_edge", 0))
         hw = (long_edge, long_edge) if long_edge else ((96, 128) if tiny else (512, 512))

@@ -101,17 +101,29 @@ def text_config_from_state_dict(sd, layout, heads=None):
             raise ValueError(f"not a CLIP text encoder ({layout} names): no '{key}' (first keys found: {', '.join(list(sd)[:5])})")
         return sd[key]
 
+    def head_count(width):
+        """The file cannot tell the heads: open_clip's rule width // 64, unless the metadata gives them."""
+        if heads is None and width % 64:
+            raise ValueError(f"text encoder of width {width}, not a multiple of 64: its head count cannot be "
+                             f"inferred (width // 64); write it into the checkpoint's metadata as "
+                             f"diff2flow.text_heads (a divisor of {width})")
+        n = heads or width // 64
+        if n < 1 or width % n:
+            raise ValueError(f"diff2flow.text_heads {n} does not divide the text encoder's width {width}: fix that "
+                             f"metadata key of the checkpoint")
+        return n
+
     if layout == "hf":
         tok, fc1 = need("embeddings.token_embedding.weight"), need("encoder.layers.0.mlp.fc1.weight")
         layers = sum(1 for k in sd if k.startswith("encoder.layers.") and k.endswith(".layer_norm1.weight"))
         width = tok.shape[1]
-        return TextConfig(width=width, heads=heads or width // 64, layers=layers, mlp_ratio=fc1.shape[0] / width,
+        return TextConfig(width=width, heads=head_count(width), layers=layers, mlp_ratio=fc1.shape[0] / width,
                           vocab_size=tok.shape[0], context_length=need("embeddings.position_embedding.weight").shape[0],
                           quick_gelu=True, skip_last=0, pad_id=EOT, projection_dim=0, logit_scale=False, layout="hf")
     tok, fc = need("token_embedding.weight"), need("transformer.resblocks.0.mlp.c_fc.weight")
     layers = sum(1 for k in sd if k.startswith("transformer.resblocks.") and k.endswith(".ln_1.weight"))
     width = tok.shape[1]
-    return TextConfig(width=width, heads=heads or width // 64, layers=layers, mlp_ratio=fc.shape[0] / width,
+    return TextConfig(width=width, heads=head_count(width), layers=layers, mlp_ratio=fc.shape[0] / width,
                       vocab_size=tok.shape[0], context_length=need("positional_embedding").shape[0],
                       projection_dim=sd["text_projection"].shape[1] if "text_projection" in sd else 0,
                       logit_scale="logit_scale" in sd, layout="open_clip")

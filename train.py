@@ -29,13 +29,15 @@ from tqdm.auto import tqdm
 import data
 import data_t2i
 import shards
-from checkpoint import find_checkpoint, load_sd_checkpoint
+from checkpoint import (RUN_LORA, RUN_STATE, commit_checkpoint, device_problem, find_checkpoint, latest_checkpoint,
+                        load_sd_checkpoint, parse_hw, tidy_run)
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned, multires_noise
-from lora import CONV_IN, CONV_OUT, PAPER_TRAINED, inject_lora, load_lora, lora_metadata, merge_lora, parse_targets, save_lora
+from lora import (CONV_IN, CONV_OUT, PAPER_TRAINED, bake_lora, inject_lora, load_lora, lora_metadata, lora_rank,
+                  parse_targets, read_metadata, save_lora)
 from unet import widen_input_conv
 
 TASKS = ("depth", "t2i", "reflow")
-LORA_FILE, STATE_FILE, LOG_FILE = "lora.safetensors", "state.pt", "log.jsonl"
+LORA_FILE, STATE_FILE, LOG_FILE = RUN_LORA, RUN_STATE, "log.jsonl"   # checkpoints: checkpoint.py's run folders
 VAL_SCENES = 64          # held-out rendered scenes for validation (disjoint seeds from training)
 EFFECTIVE_BATCH = 32     # depth on SD: the paper's batch (per process x accumulation x processes)
 REPORT_STEPS, REPORT_ENSEMBLE = 2, 4   # depth's final table: what `python sample.py --steps 2` predicts
@@ -140,15 +142,52 @@ def parse_args(argv=None):
         p.error("--task reflow needs --pairs (make them with sample.py --save-pairs)")
     try:
         args.lora_rank = float(args.lora_rank) if "." in args.lora_rank else int(args.lora_rank)
+        if args.lora_rank != 0:
+            lora_rank(args.lora_rank, 1, 1)
     except ValueError:
-        p.error(f"--lora-rank must be an int, a fraction or 0, got {args.lora_rank!r}")
+        p.error(f"--lora-rank {args.lora_rank}: an int >= 1, a fraction in (0, 1] or 0 (full finetuning)")
     try:
         parse_targets(args.lora_targets, args.lora_rank)
     except ValueError as e:
         p.error(str(e))
     if args.val_items < 1:
         p.error(f"--val-items {args.val_items}: a count >= 1")
+    check_numbers(p, args)
     return args
+
+
+def check_numbers(p, args):
+    """Every count and rate up front, one line naming the flag: a 0 would otherwise become a default
+    (`args.steps or ...`), divide by zero after minutes of work, or extrapolate (--ema 1.5)."""
+    at_least = dict(steps=1, batch_size=1, grad_accum=1, warmup=0, val_every=1, val_steps=1, save_every=1,
+                    train_scenes=1, stop_at=1, workers=0)
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} {value}: must be at least {low}"
+                    + (" (leave it out for the default)" if name in ("steps", "batch_size", "val_every") else ""))
+    if args.ema is not None and not 0 <= args.ema < 1:
+        p.error(f"--ema {args.ema}: an EMA decay in [0, 1), e.g. 0.999 (0 = off)")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr {args.lr}: must be > 0")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        p.error(f"--lora-alpha {args.lora_alpha}: must be > 0 (leave it out for alpha = rank)")
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay {args.weight_decay}: must be >= 0")
+    if not 0 <= args.caption_dropout <= 1:
+        p.error(f"--caption-dropout {args.caption_dropout}: a share in [0, 1]")
+    if args.res is not None:
+        try:
+            parse_hw(args.res)
+        except ValueError as e:
+            p.error(str(e))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file: give a folder for the run (it holds the checkpoints and the log)")
+    if args.init_lora and not os.path.isfile(args.init_lora):
+        p.error(f"--init-lora {args.init_lora}: no such file (a LoRA .safetensors, e.g. runs/t2i/lora.safetensors)")
+    problem = device_problem(args.device)
+    if problem:
+        p.error(problem)
 
 
 def t_density(spec):
@@ -178,15 +217,14 @@ def build(args, log=print):
     context = sd.empty_context()                        # (1, 77, C): the empty prompt
     prediction = sd.prediction
     if args.init_lora:                                  # e.g. reflow a Diff2Flow-finetuned model
-        load_lora(args.init_lora, unet)
-        merge_lora(unet)
+        init_lora(args, unet)
     zero_snr = args.zero_snr
     if zero_snr is None and args.task == "reflow":      # follow the ODE that made the pairs
         zero_snr = data_t2i.ReflowPairs.settings(args.pairs).get("zero_snr") == "True"
     if zero_snr is None:
         zero_snr = args.objective == "diff2flow" and prediction == "v"
     d2f = Diff2Flow(prediction, bool(zero_snr))
-    if args.task == "depth":
+    if args.task == "depth" and unet.cfg.in_channels == unet.cfg.out_channels:   # (a depth --init-lora widened it)
         widen_input_conv(unet, 2 * unet.cfg.in_channels)    # [x_noisy, image_latent]
     for m in (unet, vae, text_encoder):
         if m is not None:
@@ -216,6 +254,23 @@ def build(args, log=print):
             f"{unet.cfg.model_channels * max(unet.cfg.channel_mult)} channels): close to full rank here")
     info = dict(ckpt=ckpt_path, tiny=tiny, family=sd.family, prediction=prediction, zero_snr=d2f.zero_snr)
     return unet, vae, text_encoder, context, d2f, info
+
+
+def init_lora(args, unet):
+    """--init-lora: merge a LoRA into the prior. A depth LoRA (input conv widened to 8 channels) can start
+    a depth run: the conv is widened first, as when it was trained. Other tasks take the plain UNet's LoRAs."""
+    path, meta = args.init_lora, read_metadata(args.init_lora)
+    want, have = int(meta.get("diff2flow.unet_in_channels", unet.cfg.in_channels)), unet.cfg.in_channels
+    if want == 2 * have and args.task == "depth":
+        widen_input_conv(unet, want)
+    elif want != have:
+        made_for = meta.get("diff2flow.task", "image-conditioned")
+        raise ValueError(f"--init-lora {path} is a {made_for} LoRA (its UNet takes {want} input channels), --task "
+                         f"{args.task} trains the plain {have}-channel UNet: continue it with `python train.py --task "
+                         f"{made_for} --init-lora {path}`, sample it with `python sample.py --run {path}`, or start "
+                         f"{args.task} from a {args.task} LoRA")
+    load_lora(path, unet)
+    bake_lora(unet)            # plain layers again: the run injects its own LoRA on top
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -556,18 +611,13 @@ def step_seed(seed, step, rank):
     return (seed * 1_000_003 + step * 7919 + rank) % (2 ** 63)
 
 
-def atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def trained_params(unet):
     return {n: p for n, p in unet.named_parameters() if p.requires_grad}
 
 
 def save_run(out, unet, opt, ema, step, args, info):
-    """LoRA (kohya format) or full UNet weights + the training state, each written atomically."""
+    """One checkpoint: LoRA (kohya format) or full UNet weights + the training state, written as one set
+    into out/ckpt_<step>/ and made the run's latest all at once (checkpoint.commit_checkpoint)."""
     meta = dict(lora_metadata(info["family"] if info["family"] in ("sd1", "sd2") else "sd2", info["prediction"],
                               task=args.task, objective=args.objective, zero_snr=info["zero_snr"]),
                 **{"diff2flow.base_checkpoint": os.path.basename(info["ckpt"]), "diff2flow.norm": args.norm,
@@ -575,12 +625,75 @@ def save_run(out, unet, opt, ema, step, args, info):
                    "diff2flow.t_density": args.t_density,
                    "diff2flow.family": info["family"], "diff2flow.step": str(step),
                    "diff2flow.res_long_edge": str(max(info["res"]))})
-    with ema_weights(unet, ema):                        # the saved LoRA holds the EMA weights
-        save_lora(os.path.join(out, LORA_FILE), unet, meta)
-    live = {n: p.detach().cpu() for n, p in trained_params(unet).items()}
-    state = dict(step=step, opt=opt.state_dict(), live=live,
-                 ema=None if ema is None else {n: t.cpu() for n, t in ema.items()}, args=vars(args), info=info)
-    atomic_torch_save(state, os.path.join(out, STATE_FILE))
+
+    def write(folder):
+        with ema_weights(unet, ema):                    # the saved LoRA holds the EMA weights
+            save_lora(os.path.join(folder, LORA_FILE), unet, meta)
+        live = {n: p.detach().cpu() for n, p in trained_params(unet).items()}
+        state = dict(step=step, opt=opt.state_dict(), live=live,
+                     ema=None if ema is None else {n: t.cpu() for n, t in ema.items()}, args=vars(args), info=info)
+        torch.save(state, os.path.join(folder, STATE_FILE))
+    commit_checkpoint(out, step, write)
+
+
+# settings a resumed run must share with the saved one: they fix the tensors' shapes or what they mean
+# (the rest, e.g. --steps, --lr or the data, may change on resume)
+RESUME_ARGS = ("task", "objective", "diffusion_changes", "lora_rank", "lora_alpha", "lora_targets", "no_full_convs",
+               "norm", "multires_noise", "t_density", "init_lora")
+RESUME_INFO = ("family", "prediction", "zero_snr")
+
+
+def resume_state(args, info, log=print):
+    """The training state of args.out's newest complete checkpoint, checked against this run's settings."""
+    ckpt = latest_checkpoint(args.out)
+    if ckpt is None:
+        if os.path.exists(os.path.join(args.out, STATE_FILE)):     # a run folder from before checkpoint folders
+            raise SystemExit(f"error: --resume: {args.out} has a state.pt of the old layout: move it, {LORA_FILE} and "
+                             f"lora.full.safetensors into {args.out}/ckpt_000000/ and --resume again")
+        raise SystemExit(f"error: --resume: no state.pt (no complete checkpoint) in {args.out}; start without --resume")
+    path = os.path.join(ckpt, STATE_FILE)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises several kinds for short or corrupt files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not readable (truncated or corrupt? {reason}): delete {ckpt} to resume from "
+                         f"the run's previous checkpoint, or start without --resume") from None
+    saved, saved_info = state.get("args", {}), state.get("info", {})
+    for key in RESUME_ARGS:
+        mine, theirs = getattr(args, key), saved.get(key)
+        if key == "diffusion_changes":
+            mine, theirs = tuple(mine), tuple(theirs or ())
+        if mine != theirs:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"--resume: {args.out} was trained with {flag} {theirs}, this run has {mine}: "
+                             f"pass {flag} {theirs} to continue it, or train into another --out")
+    for key in RESUME_INFO:
+        if info[key] != saved_info.get(key):
+            raise ValueError(f"--resume: {args.out} was trained with {key.replace('_', '-')} {saved_info.get(key)} "
+                             f"(prior {saved_info.get('ckpt')}), this run has {info[key]} (prior {info['ckpt']}): "
+                             f"pass the run's --ckpt, --prediction and --zero-snr, or train into another --out")
+    if os.path.basename(info["ckpt"]) != os.path.basename(saved_info.get("ckpt", info["ckpt"])):
+        log(f"note: {args.out} was trained on {saved_info['ckpt']}, resuming on {info['ckpt']}")
+    return state
+
+
+def trim_log(path, step):
+    """On resume: drop what the killed run logged after its checkpoint (the resumed run logs those steps
+    again) and a line torn by the kill, so the log reads as one run."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(json.dumps(rec) + "\n")
+    with open(path + f".tmp{os.getpid()}", "w") as f:
+        f.writelines(keep)
+    os.replace(path + f".tmp{os.getpid()}", path)
 
 
 def setup_ddp(device):
@@ -649,7 +762,14 @@ def main(argv=None):
         if m is not None:
             m.to(device)
     context = context.to(device)
+    state = resume_state(args, info, log) if args.resume else None   # checked before any work on data
     os.makedirs(args.out, exist_ok=True)
+    if master:
+        for name in tidy_run(args.out):
+            log(f"removed {os.path.join(args.out, name)} (left by a killed run)")
+        if not args.resume and latest_checkpoint(args.out):
+            log(f"note: {args.out} holds a checkpoint of an earlier run ({os.path.basename(latest_checkpoint(args.out))}); "
+                f"this run replaces it from its first save (--resume continues it instead)")
     if args.task == "depth":
         task = DepthTask(args, vae, context, d2f, info, device, rank, world, log)
     else:
@@ -660,16 +780,14 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), fused=True)
     ema = {n: p.detach().clone() for n, p in zip(names, params)} if args.ema > 0 else None
     start = 0
-    state_path = os.path.join(args.out, STATE_FILE)
     if args.resume:
-        if not os.path.exists(state_path):
-            raise SystemExit(f"--resume: no {STATE_FILE} in {args.out}; start without --resume")
-        state = torch.load(state_path, map_location=device, weights_only=True)
         copy_params(unet, state["live"])
         opt.load_state_dict(state["opt"])
         if ema is not None and state["ema"] is not None:
             ema = {n: t.to(device) for n, t in state["ema"].items()}
         start = state["step"]
+        if master:
+            trim_log(os.path.join(args.out, LOG_FILE), start)
         log(f"resumed {args.out} at step {start}")
 
     net = unet
