@@ -57,6 +57,7 @@ def main(argv=None):
     p.add_argument("--steps", default=3, type=int)
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and data from an earlier rehearsal")
     args = p.parse_args(argv)
+    from checkpoint import latest_checkpoint
     from rehearse_t2i import run, write_random_sd_checkpoint
 
     root = os.path.abspath(args.dir)
@@ -80,13 +81,14 @@ def main(argv=None):
                   lambda: write_data(os.path.join(root, "data"), 4, 2, 2, 1))
     hypersim, vkitti, vkitti_split, nyu, nyu_split = paths
     run_dir = os.path.join(root, "runs", "depth")
+    shutil.rmtree(run_dir, ignore_errors=True)
     command = ["train.py", "--task", "depth", "--lora-rank", "64", "--ckpt", ckpt, "--hypersim", hypersim,
                "--vkitti", vkitti, "--vkitti-split", vkitti_split, "--out", run_dir, "--device", args.device,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
                "--save-every", "1", "--val-every", str(args.steps), "--val-items", "1", "--report-scenes", "1"]
 
-    def first_checkpoint():
-        return bool(glob.glob(os.path.join(run_dir, "**", "lora.safetensors"), recursive=True))
+    def first_checkpoint():      # a complete one: killing a half-written one leaves nothing to resume
+        return latest_checkpoint(run_dir) is not None
 
     for name, cmd, kill in (("train: the paper's command, killed after its first checkpoint", command, first_checkpoint),
                             ("train --resume: to the end", command + ["--resume"], None),

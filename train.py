@@ -150,8 +150,6 @@ def parse_args(argv=None):
         parse_targets(args.lora_targets, args.lora_rank)
     except ValueError as e:
         p.error(str(e))
-    if args.val_items < 1:
-        p.error(f"--val-items {args.val_items}: a count >= 1")
     check_numbers(p, args)
     return args
 
@@ -160,7 +158,7 @@ def check_numbers(p, args):
     """Every count and rate up front, one line naming the flag: a 0 would otherwise become a default
     (`args.steps or ...`), divide by zero after minutes of work, or extrapolate (--ema 1.5)."""
     at_least = dict(steps=1, batch_size=1, grad_accum=1, warmup=0, val_every=1, val_steps=1, save_every=1,
-                    train_scenes=1, stop_at=1, workers=0)
+                    train_scenes=1, stop_at=1, workers=0, val_items=1)
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
@@ -622,8 +620,8 @@ def save_run(out, unet, opt, ema, step, args, info):
                               task=args.task, objective=args.objective, zero_snr=info["zero_snr"]),
                 **{"diff2flow.base_checkpoint": os.path.basename(info["ckpt"]), "diff2flow.norm": args.norm,
                    "diff2flow.multires_noise": str(args.multires_noise),
-                   "diff2flow.t_density": args.t_density,
-                   "diff2flow.family": info["family"], "diff2flow.step": str(step),
+                   "diff2flow.t_density": args.t_density, "diff2flow.lora_targets": str(args.lora_targets),
+                   "diff2flow.ema": str(args.ema), "diff2flow.family": info["family"], "diff2flow.step": str(step),
                    "diff2flow.res_long_edge": str(max(info["res"]))})
 
     def write(folder):
