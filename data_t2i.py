@@ -5,15 +5,18 @@ Caption folders, as kohya's scripts and most finetuning tools lay them out:
     photos/cat.jpg + photos/cat.txt (one caption per image, same stem)     or
     photos/ + a JSONL manifest, one {"file": "cat.jpg", "text": "a cat"} per line
 Images are resized (shorter side, antialiased) and centre-cropped to the training size, and returned
-in [-1, 1] as (3, H, W). Caption dropout (10% by default) replaces the caption with "" so the model
-also learns the unconditional branch that classifier-free guidance needs.
+in [-1, 1] as (3, H, W). Caption dropout replaces a caption with "" so the model also learns the
+unconditional branch that classifier-free guidance needs (train.py: 2% on SD, as the official t2i
+configs; 10% on the tiny prior).
 
-Reflow pairs are shards `pairs_00000.safetensors`, ... each holding `noise` and `latent` (fp16,
-(n, C, h, w)) for samples [k·S, (k+1)·S), with the captions and the generation settings in the
-metadata. A shard is written to a temporary name and renamed, so a file either exists whole or not at
-all; a shard that does not open or does not hold what its metadata says (a copy cut short) is treated
-as missing and regenerated, never trained on.
+Both fixed sets live on disk as shards.py folders (fp16, memory-mapped, resumable, shard k made by
+rank k % world), so memory stays flat in the number of images or pairs:
+    latent cache   latents_00000.safetensors ...  `latent` (n, c, h, w), captions   (cache_latents)
+    reflow pairs   pairs_00000.safetensors ...    `noise`, `latent` (n, c, h, w), captions, and the
+                                                  generation settings in the metadata (sample.py)
 """
+import glob
+import hashlib
 import json
 import os
 
@@ -22,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+import shards
 
 import data
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SHARD = "pairs_{:05d}.safetensors"
 
 
 def load_rgb(path, size):
@@ -113,82 +116,94 @@ def read_prompts(path_or_prompt):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reflow pairs
+# On disk: the latent cache of a caption folder and the reflow pairs, both shards.py folders
 
-def read_shard(path):
-    """(noise, latent, captions, metadata) of one shard, or None if it is missing, cut short or inconsistent."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
-        captions = json.loads(meta["captions"])
-    except Exception:          # a torn or foreign file: regenerate rather than train on it
-        return None
-    if noise.shape != latent.shape or len(captions) != noise.shape[0] or int(meta.get("count", -1)) != noise.shape[0]:
-        return None
-    return noise, latent, captions, meta
+LATENTS, PAIRS = "latents", "pairs"     # shard prefixes: latents_00000.safetensors, pairs_00000.safetensors
+CACHE_SHARD = 256                       # images per latent shard (8 MB at 512x512)
 
 
-def write_shard(path, noise, latent, captions, metadata=None):
-    """One shard, fp16 tensors, written to a temporary name and renamed."""
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    meta.update(captions=json.dumps(list(captions)), count=str(noise.shape[0]))
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"noise": noise.detach().cpu().half().contiguous(), "latent": latent.detach().cpu().half().contiguous()},
-              tmp, metadata=meta)
-    os.replace(tmp, path)
+def digest(*parts):
+    """A short, stable hash of JSON-able parts: the `key` of a shard folder (what its rows were made from)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def missing_shards(folder, num, shard_size):
-    """Shard indices of [0, num) that are not on disk whole (torn files are removed)."""
-    todo = []
-    for k in range((num + shard_size - 1) // shard_size):
-        path = os.path.join(folder, SHARD.format(k))
-        want = min(shard_size, num - k * shard_size)
-        got = read_shard(path)
-        if got is None or got[0].shape[0] != want:
-            if os.path.exists(path):
-                os.remove(path)
-            todo.append(k)
-    return todo
+def file_sha256(*paths):
+    """sha256 over the bytes of the files that exist among `paths` (a LoRA file and its companion)."""
+    h = hashlib.sha256()
+    for p in paths:
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
 
 
-class ReflowPairs(torch.utils.data.Dataset):
-    """All whole shards of a pair folder: items dict(noise, latent (float32), caption)."""
+def cache_latents(dataset, encode, folder, key, shard_size=CACHE_SHARD, batch=16, rank=0, world=1, metadata=None):
+    """Encode a CaptionFolder once into fp16 latent shards (rows: `latent`, strings: `caption`), resumably,
+    `batch` images at a time, so memory holds one batch of images and one shard of latents whatever
+    the folder's size. encode(rgb (B, 3, H, W) in [-1, 1]) -> latents (B, c, h, w). Shard k is encoded by
+    rank k % world (wait for the others before reading). Returns the shards made here."""
+    def make(idx):
+        out = []
+        for i in range(0, len(idx), batch):
+            rgb = torch.stack([dataset.image(j) for j in idx[i:i + batch]])
+            with torch.no_grad():
+                out.append(encode(rgb).detach().to("cpu", torch.float16))
+        return {"latent": torch.cat(out)}, {"caption": [dataset.items[j][1] for j in idx]}
+    return shards.build(folder, LATENTS, len(dataset), shard_size, make, key, metadata, rank, world,
+                        desc="encoding latents")
+
+
+class LatentCache(shards.ShardedRows):
+    """A caption folder's latents, memory-mapped: rows(idx, ["latent"]), strings("caption", idx)."""
+
+    def __init__(self, folder, key):
+        super().__init__(folder, LATENTS, key)
+
+
+class ReflowPairs(shards.ShardedRows):
+    """Stored reflow pairs, memory-mapped: rows(idx, ["noise", "latent"]) (fp16), strings("caption", idx),
+    and the generation settings (objective, steps, cfg, zero_snr, ...) in `.metadata`."""
 
     def __init__(self, folder):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"missing reflow pair folder: {folder} (make one with sample.py --save-pairs)")
-        names = sorted(n for n in os.listdir(folder) if n.startswith("pairs_") and n.endswith(".safetensors"))
-        noise, latent, captions, torn = [], [], [], []
-        for n in names:
-            got = read_shard(os.path.join(folder, n))
-            if got is None:
-                torn.append(n)
-                continue
-            noise.append(got[0])
-            latent.append(got[1])
-            captions += got[2]
-        if torn:
-            raise ValueError(f"{folder}: shard(s) {torn[:3]} are cut short or unreadable; rerun the same "
-                             f"sample.py --save-pairs command to regenerate them")
-        if not noise:
-            raise ValueError(f"no pair shards (pairs_*.safetensors) in {folder}")
-        self.noise, self.latent, self.captions = torch.cat(noise).float(), torch.cat(latent).float(), captions
-
-    @staticmethod
-    def settings(folder):
-        """The generation settings (objective, steps, cfg, zero_snr, ...) stored with the first whole shard."""
-        for n in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            got = read_shard(os.path.join(folder, n)) if n.startswith("pairs_") else None
-            if got is not None:
-                return got[3]
-        return {}
-
-    def __len__(self):
-        return len(self.captions)
+        try:
+            super().__init__(folder, PAIRS)
+        except FileNotFoundError:
+            raise ValueError(f"no pair shards ({PAIRS}_*.safetensors) in {folder}: make them with sample.py "
+                             f"--save-pairs {folder}") from None
+        except ValueError as e:
+            first = shards.shard_path(folder, PAIRS, 0)
+            old = _metadata(first)
+            if "count" in old and "rows" not in old:
+                raise ValueError(f"{folder}: pairs written by an older sample.py (before shards.py); regenerate "
+                                 f"them with sample.py --save-pairs into a new folder") from None
+            raise e
 
     def __getitem__(self, i):
-        return dict(noise=self.noise[i], latent=self.latent[i], caption=self.captions[i])
+        rows = self.rows([i])
+        return dict(noise=rows["noise"][0].float(), latent=rows["latent"][0].float(), caption=self.strings("caption", [i])[0])
+
+
+def pair_settings(folder):
+    """The settings the pairs in `folder` were generated with ({} when there are none yet)."""
+    return _metadata(shards.shard_path(folder, PAIRS, 0))
+
+
+def foreign_shard(folder, prefix, key):
+    """The metadata of the first whole shard in `folder` made with another key ({} if none): shards.build
+    would delete it as foreign, which for hours of generated pairs is the caller's decision, not ours."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), f"{prefix}_[0-9]*.safetensors"))):
+        meta = _metadata(path)
+        if meta.get("key", key) != key and shards.shard_rows(path) is not None:
+            return meta
+    return {}
+
+
+def _metadata(path):
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:         # missing or torn: no settings to read
+        return {}

@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -24,9 +25,10 @@ from tqdm.auto import tqdm
 
 import data
 import data_t2i
+import shards
 from checkpoint import STALE_NAME, STEP_DIR, device_problem, find_checkpoint, load_sd_checkpoint, parse_hw, run_lora
 from diff2flow import Diff2Flow, conditioned, multires_noise
-from lora import load_lora, merge_lora, read_metadata
+from lora import bake_lora, companion_path, load_lora, merge_lora, read_metadata
 from unet import widen_input_conv
 
 RUNS = "runs"
@@ -399,17 +401,104 @@ def load_run(run=None, ckpt=None, device="cpu"):
 # ---------------------------------------------------------------------------------------------------
 # Text-to-image, reflow pairs, and how straight the trajectories are
 
+PAIR_STEPS, PAIR_CFG = 40, 7.5     # the paper's reflow pairs (appendix B): 40 Euler steps at CFG 7.5
+PAIR_SHARD = 256                   # pairs per shard file (1.8 M pairs: ~7k files, each resumable on its own)
+INIT_LORA = "init_lora.safetensors"   # a reflow run's copy of the LoRA it started from (train.py --init-lora)
+
+
+def sampling_autocast(device):
+    """bf16 autocast for sampling on CUDA; the CPU samples in fp32 (bf16 measured slower there)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def torchrun_rank():
+    """(rank, world, local rank) under torchrun (its RANK/WORLD_SIZE/LOCAL_RANK), else (0, 1, 0). Pair
+    generation needs no process group: ranks split the shards by index and meet on the file system."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world}): launch with torchrun")
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def apply_init_lora(unet, path):
+    """Fold a LoRA (and its companion file) into the UNet's plain weights: the model a reflow starts from."""
+    meta = load_lora(path, unet)
+    bake_lora(unet)
+    unet.requires_grad_(False)
+    return meta
+
+
+def init_lora_files(path):
+    """The files of a LoRA (the kohya file and, when present, its companion) and their sha256."""
+    files = [f for f in (path, companion_path(path)) if os.path.exists(f)]
+    return files, data_t2i.file_sha256(*files)
+
+
+def find_init_lora(run, meta):
+    """The LoRA a run was initialised from, by its sha256: the run folder's copy, else the recorded path."""
+    want, recorded = meta["diff2flow.init_lora_sha256"], meta.get("diff2flow.init_lora", "")
+    folder = run if os.path.isdir(run) else os.path.dirname(run)      # a run folder, or a LoRA in ckpt_<step>/
+    candidates = [os.path.join(folder, INIT_LORA), os.path.join(os.path.dirname(folder), INIT_LORA), recorded]
+    for c in candidates:
+        if c and os.path.exists(c) and init_lora_files(c)[1] == want:
+            return c
+    raise FileNotFoundError(f"{run} was trained on top of --init-lora {recorded} (sha256 {want[:12]}...), and neither "
+                            f"{candidates[0]} nor that file exists with this hash: put the original LoRA back there")
+
+
+def load_image_run(run=None, ckpt=None, device="cpu"):
+    """load_run, plus the LoRA a reflow run started from (train.py --init-lora): the run's own file holds
+    only what its training changed, so the init LoRA is folded in beside it (the sum is the same in either
+    order), except on weights the run stores in full, which already include it."""
+    loaded = load_run(run, ckpt, device)
+    if "diff2flow.init_lora_sha256" not in loaded.meta:
+        return loaded
+    path = find_init_lora(run, loaded.meta)
+    unet = loaded.unet
+    full = set(filter(None, loaded.meta.get("diff2flow.full_train", "").split(",")))
+    if full >= {n for n, _ in unet.named_parameters()}:     # a full finetune stores every weight
+        return loaded
+    kept = {n: p.detach().clone() for n, p in unet.named_parameters() if n in full}
+    bake_lora(unet)                    # the run's LoRA is merged already; plain layers, so the init can load
+    apply_init_lora(unet, path)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if n in kept:
+                p.copy_(kept[n])
+    return loaded
+
+
 def sample_noise(shape, seed, indices):
     """Noise for samples `indices`, each from its own seed: sample i is the same whoever draws it, so a
-    resumed pair generation or a subset of prompts reproduces exactly."""
+    resumed pair generation, another rank or a subset of prompts reproduces exactly."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in indices])
 
 
 @torch.no_grad()
-def generate(unet, d2f, context, noise, steps, objective="diff2flow", uncond=None, cfg=1.0):
-    """Latents from noise; CFG on the raw output when uncond is given and cfg != 1."""
-    model = conditioned(unet, context, uncond_context=uncond, cfg_scale=cfg)
-    return d2f.sample(model, noise, steps, objective)
+def generate(unet, d2f, context, noise, steps, objective="diff2flow", uncond=None, cfg=1.0, batch=None):
+    """Latents (fp32) from noise, `batch` samples at a time (default: all); CFG on the raw output when uncond
+    is given and cfg != 1. bf16 autocast on CUDA, fp32 on the CPU."""
+    batch, out = batch or len(noise), []
+    with sampling_autocast(noise.device):
+        for i in range(0, len(noise), batch):
+            part = slice(i, i + batch)
+            model = conditioned(unet, context[part], uncond_context=None if uncond is None else uncond[part], cfg_scale=cfg)
+            out.append(d2f.sample(model, noise[part], steps, objective).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(vae, latents, batch=8):
+    """Latents → images (B, 3, H, W) in [-1, 1], fp32 on the CPU; bf16 autocast on CUDA."""
+    out = []
+    with sampling_autocast(latents.device):
+        for i in range(0, len(latents), batch):
+            out.append(vae.decode(latents[i:i + batch]).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -422,34 +511,41 @@ def straightness(unet, vae, d2f, context, noise, objective="diff2flow", few=2, m
     res = dict(distance=float(((x_few - x_many) ** 2).mean()), spread=float(x_few.std(0).mean()),
                spread_many=float(x_many.std(0).mean()))
     if preview:   # the first PREVIEW_SAMPLES: few steps above, many steps below
-        rows = [torch.cat(list(vae.decode(x[:PREVIEW_SAMPLES]).clamp(-1, 1).cpu()), dim=2) for x in (x_few, x_many)]
+        rows = [torch.cat(list(decode(vae, x[:PREVIEW_SAMPLES])), dim=2) for x in (x_few, x_many)]
         save_png(preview, rgb_to_uint8(torch.cat(rows, dim=1)))
     return res
 
 
-def save_pairs(loaded, folder, prompts, num, steps=40, cfg=7.5, shard_size=64, seed=0, latent_hw=None):
-    """Reflow pairs (noise, latent, caption) from the model's own ODE into shards; resumable: whole shards
-    are kept, torn or missing ones (re)generated with the same per-sample noise."""
+def save_pairs(loaded, folder, prompts, num, steps=PAIR_STEPS, cfg=PAIR_CFG, shard_size=PAIR_SHARD, seed=0, latent_hw=None,
+               batch=16, rank=0, world=1):
+    """Reflow pairs (noise, latent, caption) from the model's own ODE, as shards.py shards: resumable (whole
+    shards are kept, torn or missing ones regenerated with the same per-sample noise), shard k made by rank
+    k % world. A folder holding pairs made with other settings is refused, never overwritten.
+    Returns the shards made here."""
     if not prompts:
         raise ValueError("no prompts to generate pairs from")
-    os.makedirs(folder, exist_ok=True)
-    c = loaded.unet.cfg.out_channels
-    shape = (c, *latent_hw)
+    shape = (loaded.unet.cfg.out_channels, *latent_hw)
     settings = {"objective": loaded.objective, "steps": steps, "cfg": cfg, "seed": seed,
-                "zero_snr": loaded.d2f.zero_snr, "prediction": loaded.d2f.prediction,
-                "base": loaded.meta.get("diff2flow.base_checkpoint", "")}
-    todo = data_t2i.missing_shards(folder, num, shard_size)
+                "zero_snr": loaded.d2f.zero_snr, "prediction": loaded.d2f.prediction, "res": "x".join(map(str, latent_hw)),
+                "base": loaded.meta.get("diff2flow.base_checkpoint", ""), "shard_size": shard_size,
+                "model": loaded.meta.get("sshs_model_hash", "prior"), "prompts": data_t2i.digest(prompts)}
+    key = data_t2i.digest(settings)
+    old = data_t2i.foreign_shard(folder, data_t2i.PAIRS, key)
+    if old:
+        differ = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if str(v) != old.get(k)]
+        raise ValueError(f"--save-pairs {folder} holds pairs made with other settings ({'; '.join(differ) or 'another model'}): "
+                         f"give a new folder, or the same model, prompts and flags to resume it")
     device = loaded.context.device
-    for k in tqdm(todo, desc="pair shards"):
-        idx = list(range(k * shard_size, min(num, (k + 1) * shard_size)))
+
+    def make(idx):
         captions = [prompts[i % len(prompts)] for i in idx]
         noise = sample_noise(shape, seed, idx).to(device)
         uncond = loaded.context.expand(len(idx), -1, -1)
-        x1 = generate(loaded.unet, loaded.d2f, loaded.encode(captions), noise, steps, loaded.objective, uncond, cfg)
+        x1 = generate(loaded.unet, loaded.d2f, loaded.encode(captions), noise, steps, loaded.objective, uncond, cfg, batch)
         # The FM line t·x1 + (1-t)·x0 must pass through the sampler's true start (DESIGN.md: eps-models)
         x0 = loaded.d2f.flow_noise(noise, x1) if loaded.objective == "diff2flow" else noise
-        data_t2i.write_shard(os.path.join(folder, data_t2i.SHARD.format(k)), x0, x1, captions, settings)
-    return len(todo)
+        return {"noise": x0.half().cpu(), "latent": x1.half().cpu()}, {"caption": captions}
+    return shards.build(folder, data_t2i.PAIRS, num, shard_size, make, key, settings, rank, world, desc="pair shards")
 
 
 def png_info(prompt, seed, steps, cfg, objective, model):
@@ -538,7 +634,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None, help="base checkpoint (default: as train.py finds it)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     p.add_argument("--steps", default=None, type=int, help="Euler steps (DDIM steps for a diffusion-objective run; "
-                   "default 4, or --eval's protocol's: 10 for paper)")
+                   f"default 4, --eval's protocol's (10 for paper), or {PAIR_STEPS} with --save-pairs (the paper's pairs))")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--num", default=8, type=int, help="depth: held-out scenes when no --input; t2i: images (or pairs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -561,15 +657,18 @@ def main(argv=None):
     depth.add_argument("--limit", default=None, type=int, help="--eval only the first N images of each set (a quick look)")
     t2i = p.add_argument_group("text-to-image and reflow pairs")
     t2i.add_argument("--prompt", default="", help="a prompt, or a text file with one prompt per line")
-    t2i.add_argument("--cfg", default=7.5, type=float, help="classifier-free guidance scale")
+    t2i.add_argument("--cfg", default=PAIR_CFG, type=float, help="classifier-free guidance scale")
     t2i.add_argument("--res", default=None, help="HxW of the images (default: the run's, else 96x128 tiny / 512x512 SD)")
     t2i.add_argument("--save-pairs", default=None, help="write --num reflow pairs to this folder (resumable)")
-    t2i.add_argument("--shard-size", default=64, type=int)
+    t2i.add_argument("--shard-size", default=PAIR_SHARD, type=int, help="pairs per shard file (the unit of resuming)")
+    t2i.add_argument("--batch-size", default=16, type=int, help="samples per network call (x2 with CFG)")
     args = p.parse_args(argv)
-    for flag in ("steps", "ensemble", "num", "limit", "shard_size", "processing_res"):
+    for flag in ("steps", "ensemble", "num", "limit", "shard_size", "batch_size", "processing_res"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    if args.task == "t2i" and args.save_pairs and args.steps is None:
+        args.steps = PAIR_STEPS                      # the paper's pairs: 40 Euler steps (at CFG 7.5)
     if not (args.task == "depth" and args.eval):    # --eval leaves them to its protocol
         args.steps, args.ensemble = args.steps or 4, args.ensemble or 4
     if args.res is not None:
@@ -592,7 +691,12 @@ def main(argv=None):
 
 
 def main_t2i(args):
-    loaded = load_run(args.run, args.ckpt, args.device)
+    rank, world, local = torchrun_rank() if args.save_pairs else (0, 1, 0)
+    if world > 1 and torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{local}"                   # one GPU per rank
+        torch.cuda.set_device(args.device)
+    loaded = load_image_run(args.run, args.ckpt, args.device)
+    loaded.meta.setdefault("diff2flow.base_checkpoint", os.path.basename(args.ckpt or find_checkpoint(None)[0]))
     tiny = loaded.meta.get("diff2flow.family") == "tiny"
     if args.res:
         hw = parse_hw(args.res)
@@ -605,17 +709,20 @@ def main_t2i(args):
     if loaded.text_encoder is None and any(prompts):
         print("note: this checkpoint has no text encoder (the tiny prior): prompts are ignored")
     if args.save_pairs:
-        made = save_pairs(loaded, args.save_pairs, prompts, args.num, args.steps, args.cfg, args.shard_size, args.seed, latent_hw)
-        print(f"{args.save_pairs}: {made} shard(s) written, {args.num} pairs in all ({args.steps} "
-              f"{'DDIM' if loaded.objective == 'diffusion' else 'Euler'} steps, CFG {args.cfg})")
+        made = save_pairs(loaded, args.save_pairs, prompts, args.num, args.steps, args.cfg, args.shard_size, args.seed,
+                          latent_hw, args.batch_size, rank, world)
+        where = f"rank {rank} of {world}: " if world > 1 else ""
+        print(f"{where}{args.save_pairs}: {made} shard(s) written, {args.num} pairs in all ({args.steps} "
+              f"{'DDIM' if loaded.objective == 'diffusion' else 'Euler'} steps, CFG {args.cfg})"
+              + ("; shards of the other ranks are theirs, rerun the same command to fill any gap" if world > 1 else ""))
         return
     out = args.out or os.path.join(args.run if args.run and os.path.isdir(args.run) else "runs", "samples_t2i")
     idx = list(range(args.num))
     captions = [prompts[i % len(prompts)] for i in idx]
     noise = sample_noise((loaded.unet.cfg.out_channels, *latent_hw), args.seed, idx).to(args.device)
     latents = generate(loaded.unet, loaded.d2f, loaded.encode(captions), noise, args.steps, loaded.objective,
-                       loaded.context.expand(len(idx), -1, -1), args.cfg)
-    images = [rgb_to_uint8(x) for x in loaded.vae.decode(latents).clamp(-1, 1).float().cpu()]
+                       loaded.context.expand(len(idx), -1, -1), args.cfg, args.batch_size)
+    images = [rgb_to_uint8(x) for x in decode(loaded.vae, latents)]
     model = os.path.basename(args.run or args.ckpt or "prior")
     os.makedirs(out, exist_ok=True)
     for i, (img, caption) in enumerate(zip(images, captions)):

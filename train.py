@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -28,11 +29,12 @@ from tqdm.auto import tqdm
 
 import data
 import data_t2i
+import sample
 import shards
 from checkpoint import (RUN_LORA, RUN_STATE, commit_checkpoint, device_problem, find_checkpoint, latest_checkpoint,
                         load_sd_checkpoint, parse_hw, tidy_run)
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned, multires_noise
-from lora import (CONV_IN, CONV_OUT, PAPER_TRAINED, bake_lora, inject_lora, load_lora, lora_metadata, lora_rank,
+from lora import (CONV_IN, CONV_OUT, PAPER_TRAINED, bake_lora, companion_path, inject_lora, load_lora, lora_metadata, lora_rank,
                   parse_targets, read_metadata, save_lora)
 from unet import widen_input_conv
 
@@ -64,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", default=None, type=float, help="peak learning rate (default: 3e-5 on SD as the official "
                    "configs, LoRA or full; on the tiny prior 1e-3 LoRA, 3e-5 full)")
     p.add_argument("--warmup", default=50, type=int, help="linear warm-up steps")
-    p.add_argument("--decay", default="cosine", choices=["cosine", "none"], help="after warm-up: cosine to 10%% or constant")
+    p.add_argument("--decay", default=None, choices=["cosine", "none"], help="after warm-up: cosine to 10%% or constant "
+                   "(default cosine; constant for t2i on SD, as the paper)")
     p.add_argument("--weight-decay", default=0.0, type=float)
     p.add_argument("--ema", default=None, type=float, help="EMA decay of the trained weights (0 = off; default 0.999 "
                    "on SD as the official configs, off on the tiny prior); validation, report and the saved LoRA use the EMA")
@@ -79,10 +82,14 @@ def parse_args(argv=None):
     p.add_argument("--train-scenes", default=2000, type=int, help="rendered training scenes when no data set is given")
     p.add_argument("--data", default=None, help="t2i: image folder with <stem>.txt captions")
     p.add_argument("--manifest", default=None, help="t2i: JSONL manifest {file, text} instead of .txt captions")
-    p.add_argument("--caption-dropout", default=0.1, type=float, help="t2i/reflow: share of empty captions (for CFG)")
+    p.add_argument("--caption-dropout", default=None, type=float, help="t2i/reflow: share of empty captions (for CFG; "
+                   "default 0.02 for t2i on SD as the official configs, else 0.1)")
     p.add_argument("--pairs", default=None, help="reflow: folder of (noise, latent, caption) shards")
-    p.add_argument("--init-lora", default=None, help="merge this LoRA into the prior first (reflow a finetuned model)")
+    p.add_argument("--init-lora", default=None, help="fold this LoRA into the prior first (reflow a finetuned model); "
+                   "the run records it (path, sha256, a copy) and sample.py rebuilds base + it + the new LoRA")
     p.add_argument("--val-prompts", default=None, help="t2i/reflow: prompt file or prompt for the preview images")
+    p.add_argument("--val-samples", default=8, type=int, help="t2i/reflow: held-out noises of the straightness validation")
+    p.add_argument("--val-many-steps", default=25, type=int, help="t2i/reflow: steps of the reference trajectory at validation")
     p.add_argument("--multires-noise", default=None, type=float, help="depth: Marigold's multi-resolution noise as "
                    "the source, this strength per level (0 = white noise, the method as written; default 0.9 on "
                    "the tiny prior, where white noise does not learn held-out depth, 0 on SD)")
@@ -106,7 +113,7 @@ def parse_args(argv=None):
                    "nyu:data/nyuv2:data/nyuv2/filename_list_test.txt); default Hypersim's validation split "
                    "(HYPERSIM/filename_list_val.txt, or HYPERSIM/../val/filename_list_val.txt as Marigold lays it out)")
     p.add_argument("--val-items", default=64, type=int, help="depth: held-out items scored at each validation")
-    p.add_argument("--cache-dir", default=None, help="depth: latent cache folder, shared by runs on the same "
+    p.add_argument("--cache-dir", default=None, help="depth and t2i: latent cache folder, shared by runs on the same "
                    "checkpoint, data, normalisation and resolution (default: latent_cache/ beside --out)")
     p.add_argument("--no-cache", action="store_true", help="depth: decode and VAE-encode every batch instead "
                    "(DataLoader workers, pinned memory); the cache gives the same batches, encoded once")
@@ -158,7 +165,7 @@ def check_numbers(p, args):
     """Every count and rate up front, one line naming the flag: a 0 would otherwise become a default
     (`args.steps or ...`), divide by zero after minutes of work, or extrapolate (--ema 1.5)."""
     at_least = dict(steps=1, batch_size=1, grad_accum=1, warmup=0, val_every=1, val_steps=1, save_every=1,
-                    train_scenes=1, stop_at=1, workers=0, val_items=1)
+                    train_scenes=1, stop_at=1, workers=0, val_items=1, val_samples=2, val_many_steps=1)
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
@@ -172,7 +179,7 @@ def check_numbers(p, args):
         p.error(f"--lora-alpha {args.lora_alpha}: must be > 0 (leave it out for alpha = rank)")
     if args.weight_decay < 0:
         p.error(f"--weight-decay {args.weight_decay}: must be >= 0")
-    if not 0 <= args.caption_dropout <= 1:
+    if args.caption_dropout is not None and not 0 <= args.caption_dropout <= 1:
         p.error(f"--caption-dropout {args.caption_dropout}: a share in [0, 1]")
     if args.res is not None:
         try:
@@ -214,11 +221,10 @@ def build(args, log=print):
     unet, vae, text_encoder = sd.unet, sd.vae, sd.text_encoder
     context = sd.empty_context()                        # (1, 77, C): the empty prompt
     prediction = sd.prediction
-    if args.init_lora:                                  # e.g. reflow a Diff2Flow-finetuned model
-        init_lora(args, unet)
+    metadata = init_lora(args, unet, log) if args.init_lora else {}   # e.g. reflow a Diff2Flow-finetuned model
     zero_snr = args.zero_snr
     if zero_snr is None and args.task == "reflow":      # follow the ODE that made the pairs
-        zero_snr = data_t2i.ReflowPairs.settings(args.pairs).get("zero_snr") == "True"
+        zero_snr = data_t2i.pair_settings(args.pairs).get("zero_snr") == "True"
     if zero_snr is None:
         zero_snr = args.objective == "diff2flow" and prediction == "v"
     d2f = Diff2Flow(prediction, bool(zero_snr))
@@ -250,13 +256,16 @@ def build(args, log=print):
     if tiny and args.lora_rank != 0 and isinstance(args.lora_rank, int) and args.lora_rank >= unet.cfg.model_channels:
         log(f"note: rank {args.lora_rank} is at or above the tiny UNet's width ({unet.cfg.model_channels}-"
             f"{unet.cfg.model_channels * max(unet.cfg.channel_mult)} channels): close to full rank here")
-    info = dict(ckpt=ckpt_path, tiny=tiny, family=sd.family, prediction=prediction, zero_snr=d2f.zero_snr)
+    info = dict(ckpt=ckpt_path, tiny=tiny, family=sd.family, prediction=prediction, zero_snr=d2f.zero_snr, metadata=metadata)
     return unet, vae, text_encoder, context, d2f, info
 
 
-def init_lora(args, unet):
-    """--init-lora: merge a LoRA into the prior. A depth LoRA (input conv widened to 8 channels) can start
-    a depth run: the conv is widened first, as when it was trained. Other tasks take the plain UNet's LoRAs."""
+def init_lora(args, unet, log):
+    """--init-lora: fold a LoRA into the prior's plain weights (lora.bake_lora: no LoRA layers remain, so the
+    run's own LoRA is injected on a clean model and the init can never be applied twice), keep a copy in the
+    run folder, and return the metadata that names it in every checkpoint (path and sha256: sample.py folds
+    it in again, checked by the hash). A depth LoRA (input conv widened to 8 channels) can start a depth
+    run: the conv is widened first, as when it was trained. Other tasks take the plain UNet's LoRAs."""
     path, meta = args.init_lora, read_metadata(args.init_lora)
     want, have = int(meta.get("diff2flow.unet_in_channels", unet.cfg.in_channels)), unet.cfg.in_channels
     if want == 2 * have and args.task == "depth":
@@ -267,8 +276,52 @@ def init_lora(args, unet):
                          f"{args.task} trains the plain {have}-channel UNet: continue it with `python train.py --task "
                          f"{made_for} --init-lora {path}`, sample it with `python sample.py --run {path}`, or start "
                          f"{args.task} from a {args.task} LoRA")
+    files, sha = sample.init_lora_files(path)
     load_lora(path, unet)
     bake_lora(unet)            # plain layers again: the run injects its own LoRA on top
+    copy = os.path.join(args.out, sample.INIT_LORA)
+    if int(os.environ.get("RANK", 0)) == 0 and os.path.abspath(path) != os.path.abspath(copy):
+        os.makedirs(args.out, exist_ok=True)
+        for src, dst in zip(files, (copy, companion_path(copy))):
+            tmp = f"{dst}.tmp{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        if len(files) == 1 and os.path.exists(companion_path(copy)):
+            os.remove(companion_path(copy))
+    log(f"initialised from {path} (sha256 {sha[:12]}, folded into the weights; a copy in {copy})")
+    return {"diff2flow.init_lora": os.path.abspath(path), "diff2flow.init_lora_sha256": sha}
+
+
+# On SD the t2i and reflow runs default to the paper's settings (appendix B; the official configs where the
+# paper is silent); they fill only what the command line left unset, before apply_defaults fills the rest.
+# The tiny prior keeps the demo's.
+TASK_DEFAULTS = {   # effective batch = per-process batch x gradient accumulation x processes
+    "t2i": dict(batch=64, lr=1e-5, decay="none", steps=20_000, caption_dropout=0.02),   # Table 1, SD 2.1
+    "reflow": dict(batch=128, lr=2e-5, decay="cosine", steps=60_000, caption_dropout=0.1),  # Table 3, SD 1.5
+}
+SD_BATCH = 8             # per-process micro-batch on SD (as depth's); gradient accumulation makes up the rest
+CAPTION_DROPOUT = 0.1    # t2i/reflow caption dropout wherever TASK_DEFAULTS does not apply
+
+
+def apply_task_defaults(args, tiny, world, log):
+    """Fill the task's SD defaults (TASK_DEFAULTS) into the arguments left unset and derive the accumulation
+    that reaches the effective batch. Elsewhere only the caption dropout and the cosine decay; apply_defaults
+    fills everything left after this (EMA, validation, the depth defaults)."""
+    table = TASK_DEFAULTS.get(args.task) if not tiny else None
+    if args.caption_dropout is None:
+        args.caption_dropout = table["caption_dropout"] if table else CAPTION_DROPOUT
+    if table is None:
+        args.decay = args.decay or "cosine"
+        return
+    args.steps = args.steps or table["steps"]
+    args.lr = args.lr or table["lr"]
+    args.decay = args.decay or table["decay"]
+    want = table["batch"]
+    if args.batch_size is None:
+        args.batch_size = max(1, min(SD_BATCH, want // (world * (args.grad_accum or 1))))
+    args.grad_accum = args.grad_accum or max(1, round(want / (args.batch_size * world)))
+    if args.batch_size * args.grad_accum * world != want:
+        log(f"note: {args.task}'s batch on SD in the paper is {want} (per process x accumulation x processes)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -532,29 +585,44 @@ def all_ranks_mean(scores, n, world, device):
 
 
 class ImageTask:
-    """Text-to-image (image-caption folders) and reflow (stored noise/latent/caption pairs)."""
-    MANY_STEPS = 25      # the reference trajectory of the straightness measure at validation
+    """Text-to-image (a caption folder, its latents encoded once into an on-disk cache) and reflow (stored
+    noise/latent/caption pairs). Both read fp16 shards memory-mapped, so memory does not grow with the
+    set; training sample n of the run is item EpochMix(n) (every item once per epoch, the same on resume
+    and on every rank), and each rank reads only the rows of its own samples."""
 
-    def __init__(self, args, vae, text_encoder, context, d2f, info, device, log):
+    def __init__(self, args, vae, text_encoder, context, d2f, info, device, rank, world, log):
         self.args, self.vae, self.text, self.context, self.d2f, self.device = args, vae, text_encoder, context, d2f, device
+        self.rank = rank
         if args.task == "t2i":
             hw = info["res"] = parse_res(args.res, info["tiny"], square=True)
-            dataset = data_t2i.CaptionFolder(args.data, hw, args.manifest, args.caption_dropout, args.seed)
-            rgb = [dataset.image(i) for i in tqdm(range(len(dataset)), desc="encoding images", leave=False)]
-            with torch.no_grad():   # the VAE is frozen and the crop fixed: encode each image once
-                self.latents = torch.cat([vae.encode(torch.stack(rgb[i:i + 16]).to(device)).cpu() for i in range(0, len(rgb), 16)])
-            self.noise, self.captions = None, [c for _, c in dataset.items]
+            dataset = data_t2i.CaptionFolder(args.data, hw, args.manifest, 0.0, args.seed)
+            st = os.stat(info["ckpt"])
+            key = data_t2i.digest(os.path.realpath(info["ckpt"]), st.st_size, st.st_mtime_ns, hw, dataset.items)
+            folder = os.path.join(args.cache_dir, f"t2i_{hw[0]}x{hw[1]}_{key}")
+            made = data_t2i.cache_latents(dataset, lambda rgb: vae.encode(rgb.to(device)), folder, key, rank=rank, world=world,
+                                          metadata={"data": os.path.abspath(args.data), "res": f"{hw[0]}x{hw[1]}",
+                                                    "ckpt": os.path.basename(info["ckpt"])})
+            while world > 1 and shards.missing_shards(folder, data_t2i.LATENTS, len(dataset), data_t2i.CACHE_SHARD, key,
+                                                      remove=False):
+                time.sleep(2)                            # the other ranks' shards (no collective: no watchdog)
+            self.rows, self.names = data_t2i.LatentCache(folder, key), ("latent",)
+            where = f"latents cached in {folder}" + (f" ({made} shard(s) encoded now)" if made else "")
         else:
-            pairs = data_t2i.ReflowPairs(args.pairs)
-            self.latents, self.noise, self.captions = pairs.latent, pairs.noise, pairs.captions
-            info["res"] = tuple(s * 2 ** (len(vae.cfg.ch_mult) - 1) for s in self.latents.shape[-2:])
-        if text_encoder is None and any(self.captions):
+            self.rows, self.names = data_t2i.ReflowPairs(args.pairs), ("latent", "noise")
+            where = f"pairs from {args.pairs} ({self.rows.metadata.get('steps', '?')} steps, CFG {self.rows.metadata.get('cfg', '?')})"
+        shape = tuple(self.rows.rows([0], ["latent"])["latent"].shape[1:])
+        if args.task == "reflow":
+            info["res"] = tuple(s * 2 ** (len(vae.cfg.ch_mult) - 1) for s in shape[-2:])
+        self.mix = data.EpochMix([len(self.rows)], seed=args.seed)
+        some = self.rows.strings("caption", range(min(len(self.rows), 256)))
+        if text_encoder is None and any(some):
             log("note: this checkpoint has no text encoder (the tiny prior): captions are ignored, training is unconditional")
-        log(f"{args.task}: {len(self.latents)} {'images' if args.task == 't2i' else 'pairs'}, latents {tuple(self.latents.shape[1:])}")
+        log(f"{args.task}: {len(self.rows)} {'images' if args.task == 't2i' else 'pairs'}, latents {shape}, {where}; "
+            f"caption dropout {args.caption_dropout}")
         g = torch.Generator().manual_seed(10 ** 6)   # held-out noise, never used in training
-        self.val_noise = torch.randn((8, *self.latents.shape[1:]), generator=g).to(device)
-        prompts = data_t2i.read_prompts(args.val_prompts) if args.val_prompts else (self.captions[:8] or [""])
-        self.val_context = self.encode_text([prompts[i % len(prompts)] for i in range(8)])
+        self.val_noise = torch.randn((args.val_samples, *shape), generator=g).to(device)
+        prompts = data_t2i.read_prompts(args.val_prompts) if args.val_prompts else (some[:8] or [""])
+        self.val_context = self.encode_text([prompts[i % len(prompts)] for i in range(args.val_samples)])
 
     def encode_text(self, captions):
         if self.text is None:
@@ -563,11 +631,12 @@ class ImageTask:
             return self.text.encode(captions).to(self.device)
 
     def batch(self, samples, g):
-        idx = torch.randint(len(self.latents), (self.args.batch_size,), generator=g)
+        """Training samples `samples` (global sample numbers of the run) → the batch; g draws caption dropout."""
+        idx = [self.mix(n)[1] for n in samples]
+        rows = {k: v.to(self.device, torch.float32) for k, v in self.rows.rows(idx, self.names).items()}
         drop = torch.rand(len(idx), generator=g) < self.args.caption_dropout   # for classifier-free guidance
-        captions = ["" if d else self.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
-        noise = None if self.noise is None else self.noise[idx].to(self.device)
-        return dict(x1=self.latents[idx].to(self.device), concat=None, mask=None, noise=noise, context=self.encode_text(captions))
+        captions = ["" if d else c for c, d in zip(self.rows.strings("caption", idx), drop.tolist())]
+        return dict(x1=rows["latent"], concat=None, mask=None, noise=rows.get("noise"), context=self.encode_text(captions))
 
     def baseline(self):
         return None
@@ -576,18 +645,17 @@ class ImageTask:
         return []
 
     def validate(self, unet, step):
-        import sample
         return sample.straightness(unet, self.vae, self.d2f, self.val_context, self.val_noise, self.args.objective,
-                                   few=self.args.val_steps, many=self.MANY_STEPS,
-                                   preview=os.path.join(self.args.out, f"preview_{step:06d}.png"))
+                                   few=self.args.val_steps, many=self.args.val_many_steps,
+                                   preview=os.path.join(self.args.out, f"preview_{step:06d}.png") if self.rank == 0 else None)
 
     def describe(self, r):
-        return (f"{self.args.val_steps}-step vs {self.MANY_STEPS}-step distance {r['distance']:.4f}, spread "
-                f"{r['spread']:.3f} ({self.MANY_STEPS}-step: {r['spread_many']:.3f})")
+        return (f"{self.args.val_steps}-step vs {self.args.val_many_steps}-step distance {r['distance']:.4f}, spread "
+                f"{r['spread']:.3f} ({self.args.val_many_steps}-step: {r['spread_many']:.3f})")
 
     def summary(self, records, log):
         vals = [r for r in records if r["kind"] == "val"]
-        log(f"\nheld-out noise, {self.args.val_steps} Euler steps against {self.MANY_STEPS} from the same noise:")
+        log(f"\nheld-out noise, {self.args.val_steps} Euler steps against {self.args.val_many_steps} from the same noise:")
         for name, r in (("before", vals[0]), (f"after {vals[-1]['step']} steps", vals[-1])):
             log(f"  {name:20s} {self.describe(r)}")
 
@@ -622,7 +690,8 @@ def save_run(out, unet, opt, ema, step, args, info):
                    "diff2flow.multires_noise": str(args.multires_noise),
                    "diff2flow.t_density": args.t_density, "diff2flow.lora_targets": str(args.lora_targets),
                    "diff2flow.ema": str(args.ema), "diff2flow.family": info["family"], "diff2flow.step": str(step),
-                   "diff2flow.res_long_edge": str(max(info["res"]))})
+                   "diff2flow.res_long_edge": str(max(info["res"]))},
+                **info.get("metadata", {}))                     # e.g. the --init-lora a reflow started from
 
     def write(folder):
         with ema_weights(unet, ema):                    # the saved LoRA holds the EMA weights
@@ -754,6 +823,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     unet, vae, text_encoder, context, d2f, info = build(args, log)
+    apply_task_defaults(args, info["tiny"], world, log)   # t2i/reflow on SD: the paper's; apply_defaults fills the rest
     apply_defaults(args, info, world, log)
     logit_normal = t_density(args.t_density)
     for m in (unet, vae, text_encoder):
@@ -771,7 +841,7 @@ def main(argv=None):
     if args.task == "depth":
         task = DepthTask(args, vae, context, d2f, info, device, rank, world, log)
     else:
-        task = ImageTask(args, vae, text_encoder, context, d2f, info, device, log)
+        task = ImageTask(args, vae, text_encoder, context, d2f, info, device, rank, world, log)
 
     names, params = zip(*trained_params(unet).items())
     # fused AdamW: one kernel over all tensors (measured 3.9x faster than foreach on the CPU too)
