@@ -1,7 +1,7 @@
 """
 Rehearse text-to-image and reflow at full SD shapes on a CPU, before spending GPU hours (issue #21).
 
-    python rehearse_t2i.py                    # all stages, ~15 minutes on 2 cores, < 24 GB
+    python rehearse_t2i.py                    # all stages, ~10 minutes on 2 cores, < 9 GB
     python rehearse_t2i.py --part memory      # only the memory-flatness probe (1k vs 10k items)
 
 It writes random-weight SD 1.5 (eps, CLIP ViT-L text encoder under HF names) and SD 2.1 (v, OpenCLIP

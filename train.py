@@ -34,8 +34,8 @@ import shards
 from checkpoint import (RUN_LORA, RUN_STATE, commit_checkpoint, device_problem, find_checkpoint, latest_checkpoint,
                         load_sd_checkpoint, parse_hw, tidy_run)
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned, multires_noise
-from lora import (CONV_IN, CONV_OUT, PAPER_TRAINED, bake_lora, companion_path, inject_lora, load_lora, lora_metadata, lora_rank,
-                  parse_targets, read_metadata, save_lora)
+from lora import (CONV_IN, CONV_OUT, PAPER_TRAINED, bake_lora, companion_path, inject_lora, load_lora, lora_metadata,
+                  lora_rank, parse_targets, read_metadata, save_lora)
 from unet import widen_input_conv
 
 TASKS = ("depth", "t2i", "reflow")
