@@ -18,7 +18,6 @@ The rehearsal shrinks what the paper scales (say so next to any number): a handf
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
