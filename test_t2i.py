@@ -3,8 +3,6 @@ import glob
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
