@@ -22,6 +22,7 @@ import os
 import numpy as np
 import torch
 
+import tasks
 import train
 from checkpoint import TINY_PRIOR
 
@@ -142,7 +143,7 @@ def sampler_grid_ablation(run_dirs):
     out = {}
     for run in run_dirs:
         m = sample.load_run(run, TINY_PRIOR)
-        heldout = data.RenderedDepthDataset.split("heldout", train.VAL_SCENES, 96, 128)
+        heldout = data.RenderedDepthDataset.split("heldout", tasks.VAL_SCENES, 96, 128)
         out[os.path.basename(run)] = sample.evaluate_heldout(m.unet, m.vae, m.d2f, m.context, heldout, "diff2flow", 4)
     return out
 

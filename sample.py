@@ -367,7 +367,7 @@ class Loaded:
             return self.text_encoder.encode(prompts).to(self.context.device, self.context.dtype)
 
 
-def load_run(run=None, ckpt=None, device="cpu"):
+def load_lora_run(run=None, ckpt=None, device="cpu"):
     """Base checkpoint + a run's LoRA (and companion file); run=None gives the untouched prior, sampled
     through Diff2Flow on its own schedule."""
     meta = {}
@@ -450,11 +450,12 @@ def find_init_lora(run, meta):
                             f"{candidates[0]} nor that file exists with this hash: put the original LoRA back there")
 
 
-def load_image_run(run=None, ckpt=None, device="cpu"):
-    """load_run, plus the LoRA a reflow run started from (train.py --init-lora): the run's own file holds
+def load_run(run=None, ckpt=None, device="cpu"):
+    """A run as it trained: load_lora_run, plus the LoRA it started from (train.py --init-lora, e.g. a
+    reflow of a Diff2Flow finetune), for every task: the run's own file holds
     only what its training changed, so the init LoRA is folded in beside it (the sum is the same in either
     order), except on weights the run stores in full, which already include it."""
-    loaded = load_run(run, ckpt, device)
+    loaded = load_lora_run(run, ckpt, device)
     if "diff2flow.init_lora_sha256" not in loaded.meta:
         return loaded
     path = find_init_lora(run, loaded.meta)
@@ -695,7 +696,7 @@ def main_t2i(args):
     if world > 1 and torch.device(args.device).type == "cuda":
         args.device = f"cuda:{local}"                   # one GPU per rank
         torch.cuda.set_device(args.device)
-    loaded = load_image_run(args.run, args.ckpt, args.device)
+    loaded = load_run(args.run, args.ckpt, args.device)
     loaded.meta.setdefault("diff2flow.base_checkpoint", os.path.basename(args.ckpt or find_checkpoint(None)[0]))
     tiny = loaded.meta.get("diff2flow.family") == "tiny"
     if args.res:

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sample
+import tasks
 import train
 from checkpoint import TINY_PRIOR, save_sd_checkpoint
 from unet import UNetConfig, UNetModel, widen_input_conv
@@ -57,7 +58,7 @@ def test_resume_continues_exactly(tiny_ckpt, tmp_path, capsys):
     reports = [(r["kind"], r["step"]) for r in read_log(resumed) if r["kind"].startswith("report")]
     assert reports == [("report_trivial", 0), ("report", 0), ("report", 6)]
     out = capsys.readouterr().out
-    assert f"4 items, {train.REPORT_STEPS} steps, ensemble {train.REPORT_ENSEMBLE}" in out
+    assert f"4 items, {tasks.REPORT_STEPS} steps, ensemble {tasks.REPORT_ENSEMBLE}" in out
     assert "finetuned (diff2flow, step 6)" in out
     for name in (train.LORA_FILE, "lora.full.safetensors"):
         a, b = load_file(os.path.join(straight, name)), load_file(os.path.join(resumed, name))
@@ -192,7 +193,7 @@ def test_multires_noise_trains_and_samples_from_the_same_source(tiny_ckpt, tmp_p
         seen.append(strength)
         return real(shape, strength, generator)
 
-    monkeypatch.setattr(train, "multires_noise", spy)
+    monkeypatch.setattr(tasks, "multires_noise", spy)
     train.main(["--ckpt", tiny_ckpt, "--steps", "2", "--multires-noise", "0.9", "--out", run, *FAST])
     assert seen.count(0.9) == 2                              # one draw per training step
     assert sample.read_metadata(os.path.join(run, train.LORA_FILE))["diff2flow.multires_noise"] == "0.9"

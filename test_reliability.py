@@ -67,7 +67,8 @@ def small_run_parts():
     widen_input_conv(unet, 8)
     inject_lora(unet, 2, full_train=(CONV_IN,))
     opt = torch.optim.AdamW(list(train.trained_params(unet).values()), lr=1e-3)
-    args = argparse.Namespace(task="depth", objective="diff2flow", norm="log", multires_noise=0.0, t_density="uniform")
+    args = argparse.Namespace(task="depth", objective="diff2flow", norm="log", multires_noise=0.0, t_density="uniform",
+                              lora_targets="conv,attn,ff,proj", ema=0.0)
     info = dict(family="tiny", prediction="v", zero_snr=True, ckpt="tiny.safetensors", res=(32, 32))
     return unet, opt, args, info
 
@@ -186,6 +187,7 @@ KILL_CHILD = textwrap.dedent("""
     import io, os, signal, sys, torch
     sys.path.insert(0, {here!r})
     import train
+    torch.set_num_threads({threads})          # the parent's: bit-exact comparisons need the same reduction order
     real, calls = torch.save, []
     def save(obj, path, *a, **k):            # the second checkpoint's state: half written, then SIGKILL
         calls.append(path)
@@ -206,7 +208,8 @@ def test_sigkill_while_writing_then_resume_and_sample_agree(tiny_ckpt, tmp_path)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     common = ["--ckpt", tiny_ckpt, "--steps", "6", "--save-every", "2", *FAST]
     train.main([*common, "--out", straight])
-    child = subprocess.run([sys.executable, "-c", KILL_CHILD.format(here=HERE, argv=[*common, "--out", killed])],
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD.format(here=HERE, argv=[*common, "--out", killed],
+                                                                   threads=torch.get_num_threads())],
                            cwd=HERE, capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert child.returncode == -9, child.stderr[-2000:]

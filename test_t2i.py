@@ -13,6 +13,7 @@ import data_t2i
 import rehearse_t2i
 import sample
 import shards
+import tasks
 import train
 from checkpoint import TINY_PRIOR, load_sd_checkpoint, run_lora
 from lora import companion_path, inject_lora, kohya_name, lora_layers, lora_metadata, save_lora
@@ -284,7 +285,7 @@ def test_reflow_from_init_lora_reloads_exactly(tiny_ckpt, init_lora, tmp_path, r
     else:
         add_lora_file(add_lora_file(reference, init_lora), run_lora(run))
     want = unet_output(reference)
-    loaded = sample.load_image_run(run, tiny_ckpt)
+    loaded = sample.load_run(run, tiny_ckpt)
     assert not lora_layers(loaded.unet)
     err = (unet_output(loaded.unet) - want).abs().max() / want.abs().max()
     twice = unet_output(add_lora_file(reference, init_lora)) - want      # the init applied twice (the old bug)
@@ -293,19 +294,18 @@ def test_reflow_from_init_lora_reloads_exactly(tiny_ckpt, init_lora, tmp_path, r
     sample.main(["--task", "t2i", "--run", run, "--ckpt", tiny_ckpt, "--num", "1", "--steps", "1", "--out", str(tmp_path / "s")])
     # the run carries a copy of its init LoRA: it loads after the original moves away, and not without both
     os.rename(init_lora, init_lora + ".moved")
-    assert torch.equal(unet_output(sample.load_image_run(run, tiny_ckpt).unet), unet_output(loaded.unet))
+    assert torch.equal(unet_output(sample.load_run(run, tiny_ckpt).unet), unet_output(loaded.unet))
     os.remove(os.path.join(run, sample.INIT_LORA))
     with pytest.raises(FileNotFoundError, match="init-lora"):
-        sample.load_image_run(run, tiny_ckpt)
+        sample.load_run(run, tiny_ckpt)
 
 
 def test_sd_defaults_are_the_papers(tmp_path):
     """On SD: t2i batch 64 at a constant 1e-5 for 20k steps with 2% caption dropout; reflow batch 128 at a
     decaying 2e-5 for 60k steps. The accumulation follows the processes; the tiny prior keeps the demo's,
-    and depth keeps its own (apply_defaults)."""
+    and depth has its own."""
     def resolved(task, world=1, tiny=False, extra=()):
         args = train.parse_args(["--task", task, "--data", "x", "--pairs", "x", "--out", str(tmp_path), *extra])
-        train.apply_task_defaults(args, tiny, world, lambda *a: None)
         train.apply_defaults(args, dict(tiny=tiny), world, lambda *a: None)
         return args
     t2i = resolved("t2i")
@@ -326,9 +326,8 @@ def test_t2i_latents_are_cached_on_disk_and_every_image_seen_each_epoch(tiny_ckp
     args = train.parse_args(["--task", "t2i", "--ckpt", tiny_ckpt, "--data", str(caption_folder), "--res", "16x16",
                              "--batch-size", "3", "--out", str(tmp_path / "run"), "--caption-dropout", "0"])
     unet, vae, text, ctx, d2f, info = train.build(args)
-    train.apply_task_defaults(args, True, 1, print)
     train.apply_defaults(args, info, 1, print)
-    task = train.ImageTask(args, vae, text, ctx, d2f, info, "cpu", 0, 1, print)
+    task = tasks.ImageTask(args, vae, text, ctx, d2f, info, "cpu", 0, 1, print)
     folder = os.path.dirname(task.rows.paths[0])
     cache = data_t2i.LatentCache(folder, task.rows.metadata["key"])
     assert os.path.dirname(folder) == os.path.join(str(tmp_path), "latent_cache")

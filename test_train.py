@@ -1,15 +1,12 @@
 """The SD training path (issue: the paper's depth run): device-clean hot paths, the data stream, the
 latent cache, defaults, DDP on gloo, and LoRA target sets. Tiny models with every parameter random."""
-import json
 import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
 import data
+import tasks
 import train
 from diff2flow import Diff2Flow, conditioned
 from unet import UNetConfig, UNetModel, widen_input_conv
@@ -37,7 +34,7 @@ def test_training_step_creates_every_tensor_on_its_inputs_device(prediction, zer
     depth = torch.empty(2, 1, 32, 32, device="meta")
     valid = torch.empty(2, 1, 32, 32, dtype=torch.bool, device="meta")
     items = [dict(rgb=rgb[i], depth=depth[i], valid=valid[i]) for i in range(2)]
-    img, dep, mask = train.encode_depth_items(vae, items, "log", "meta")
+    img, dep, mask = tasks.encode_depth_items(vae, items, "log", "meta")
     assert img.device.type == dep.device.type == mask.device.type == "meta"
     model = conditioned(unet, torch.empty(2, 77, 32, device="meta"), concat=img)
     loss = d2f.loss(model, dep, objective, mask=mask).mean()
@@ -68,7 +65,7 @@ def test_a_step_takes_the_same_samples_however_the_batch_is_split():
     def step_samples(batch, accum, world, step):
         a = A()
         a.batch_size, a.grad_accum = batch, accum
-        got = [n for r in range(world) for m in range(accum) for n in train.sample_numbers(step, m, a, r, world)]
+        got = [n for r in range(world) for m in range(accum) for n in tasks.sample_numbers(step, m, a, r, world)]
         assert len(got) == len(set(got))                 # no sample twice in a step
         return sorted(got)
     for step in (0, 3):
@@ -83,7 +80,7 @@ def test_sd_defaults_are_the_papers_and_printed():
     lines = []
     train.apply_defaults(args, dict(tiny=False), 1, lines.append)
     assert (args.steps, args.batch_size, args.grad_accum, args.lr, args.ema) == (20000, 8, 4, 3e-5, 0.999)
-    assert args.batch_size * args.grad_accum == train.EFFECTIVE_BATCH
+    assert args.batch_size * args.grad_accum == train.SD_DEFAULTS["depth"]["batch"]
     assert "batch 32 per optimizer step = 8 per process x 4 accumulation x 1 process" in lines[0]
     args = train.parse_args(["--task", "depth", "--batch-size", "4", "--lora-rank", "0"])
     train.apply_defaults(args, dict(tiny=False), 2, lines.append)   # 2 ranks: the accumulation halves
@@ -156,13 +153,13 @@ def test_cached_batches_are_the_batches_encoded_per_step(tiny_ckpt, hypersim, tm
         args = train.parse_args(["--ckpt", tiny_ckpt, "--hypersim", hypersim, "--out", str(tmp_path / "r"), *REAL, *extra])
         unet, vae, _, context, d2f, info = train.build(args, lambda *a: None)
         train.apply_defaults(args, info, 1, lambda *a: None)
-        t = train.DepthTask(args, vae, context, d2f, info, "cpu", 0, 1, lambda *a: None)
+        t = tasks.DepthTask(args, vae, context, d2f, info, "cpu", 0, 1, lambda *a: None)
         t.start(0, 5)
         return t
     cached, direct = task(), task("--no-cache")
     assert cached.caches is not None and direct.caches is None
     for step in range(5):       # 5 steps x 2 = 10 samples of 12 items, then the next epoch
-        samples = train.sample_numbers(step, 0, cached.args, 0, 1)
+        samples = tasks.sample_numbers(step, 0, cached.args, 0, 1)
         a, b = cached.batch(samples, torch.Generator()), direct.batch(samples, torch.Generator())
         for k in ("x1", "concat"):
             assert (a[k] - b[k]).abs().max() <= 2e-3 * b[k].abs().max()
