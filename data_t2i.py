@@ -142,7 +142,7 @@ def cache_latents(dataset, encode, folder, key, shard_size=CACHE_SHARD, batch=16
     """Encode a CaptionFolder once into fp16 latent shards (rows: `latent`, strings: `caption`), resumably,
     `batch` images at a time, so memory holds one batch of images and one shard of latents whatever
     the folder's size. encode(rgb (B, 3, H, W) in [-1, 1]) -> latents (B, c, h, w). Shard k is encoded by
-    rank k % world (wait for the others before reading). Returns the shards made here."""
+    rank k % world. Returns the shards made here."""
     def make(idx):
         out = []
         for i in range(0, len(idx), batch):
@@ -151,7 +151,7 @@ def cache_latents(dataset, encode, folder, key, shard_size=CACHE_SHARD, batch=16
                 out.append(encode(rgb).detach().to("cpu", torch.float16))
         return {"latent": torch.cat(out)}, {"caption": [dataset.items[j][1] for j in idx]}
     return shards.build(folder, LATENTS, len(dataset), shard_size, make, key, metadata, rank, world,
-                        desc="encoding latents")
+                        desc="encoding latents", wait=True)
 
 
 class LatentCache(shards.ShardedRows):

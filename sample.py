@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import data
 import data_t2i
+import depth_eval
 import shards
 from checkpoint import STALE_NAME, STEP_DIR, device_problem, find_checkpoint, load_sd_checkpoint, parse_hw, run_lora
 from diff2flow import Diff2Flow, conditioned, multires_noise
@@ -33,10 +34,7 @@ from unet import widen_input_conv
 
 RUNS = "runs"
 LORA_FILE = "lora.safetensors"
-EVAL_SETS = ("nyu", "kitti", "eth3d", "scannet", "diode")
 PREVIEW_SAMPLES = 8        # samples in a straightness preview image
-DEFAULT_SPLITS = {"nyu": "nyu_test.txt", "kitti": "kitti_test.txt", "eth3d": "eth3d_test.txt",
-                  "scannet": "scannet_test.txt", "diode": "diode_test.txt"}
 # ColorBrewer "Spectral" (11 classes), red → blue: near depth warm, far depth cool, as Marigold shows it.
 SPECTRAL = np.array([[158, 1, 66], [213, 62, 79], [244, 109, 67], [253, 174, 97], [254, 224, 139], [255, 255, 191],
                      [230, 245, 152], [171, 221, 164], [102, 194, 165], [50, 136, 189], [94, 79, 162]], np.float64)
@@ -65,7 +63,7 @@ def predict_depth(unet, vae, d2f, context, rgb, objective="diff2flow", steps=4, 
     depth = depth.reshape(ensemble, B, 1, *depth.shape[-2:]).float().cpu()
     if ensemble == 1:
         return depth[0], torch.zeros_like(depth[0])
-    merged = [data.ensemble_align(depth[:, b]) for b in range(B)]
+    merged = [depth_eval.ensemble_align(depth[:, b]) for b in range(B)]
     return torch.stack([m for m, _ in merged]).clamp(-1, 1), torch.stack([s for _, s in merged])
 
 
@@ -81,67 +79,7 @@ def pixel_multiple(unet, vae):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation: held-out scenes (train.py's validation) and the paper's Table 2 on the five real sets
-
-# What `--eval` runs. "paper" is Table 2's (§4.3 and appendix A; DESIGN.md "Depth specifics"): every input
-# resized to the training resolution (3:4 at the run's long edge: 384×512 for the paper's runs), 10 Euler
-# steps, an ensemble of 4, the prediction turned into depth as DepthFM does (exp, min-max) and resized back to
-# the truth's size, then Marigold's least squares in depth space. "native" is what `--eval` ran before: the
-# aspect ratio kept at the run's long edge, 4 steps, the fit in the space the model predicts (log space for
-# log depth, as the official validation). --steps, --ensemble, --align and --eval-res change one setting.
-PROTOCOLS = {
-    "paper": dict(resize="fixed", align="depth", steps=10, ensemble=4),
-    "native": dict(resize="aspect", align=None, steps=4, ensemble=4),
-}
-# The paper's Table 2 (paper/diff2flow-paper.txt, lines 229-244): (AbsRel, δ1) in %, NFE 10, ensemble 4.
-# The paper took the other methods' numbers from E2E-FT [38]; the table's text is complete there.
-PAPER_TABLE2 = {
-    "Diff2Flow (paper)": dict(nyu=(5.7, 96.7), kitti=(8.7, 92.0), eth3d=(5.5, 97.4), scannet=(6.2, 95.7), diode=(21.6, 79.5)),
-    "Diff2Flow LoRA (paper)": dict(nyu=(5.9, 96.4), kitti=(9.5, 90.8), eth3d=(6.0, 96.8), scannet=(6.4, 95.5),
-                                   diode=(22.6, 78.5)),
-    "Marigold": dict(nyu=(5.5, 96.4), kitti=(9.9, 91.6), eth3d=(6.5, 96.0), scannet=(6.4, 95.1), diode=(30.8, 77.3)),
-    "DepthFM": dict(nyu=(6.0, 95.5), kitti=(9.1, 90.2), eth3d=(6.5, 95.4), scannet=(6.6, 94.9), diode=(22.4, 78.5)),
-    "E2E FT": dict(nyu=(5.2, 96.6), kitti=(9.6, 91.9), eth3d=(6.2, 95.9), scannet=(5.8, 96.2), diode=(30.2, 77.9)),
-}
-SET_TITLES = dict(nyu="NYUv2", kitti="KITTI", eth3d="ETH3D", scannet="ScanNet", diode="DIODE")
-METRIC_TITLES = dict(abs_rel="AbsRel", sq_rel="SqRel", rmse="RMSE", rmse_log="RMSE-log", log10="log10", delta1="δ1",
-                     delta2="δ2", delta3="δ3", i_rmse="i-RMSE", silog="SILog")
-
-
-def alignment_space(norm, override=None):
-    """A log-normalised model predicts log depth up to scale and shift: align in log space; an
-    affine-normalised one in depth space (Marigold). `override` forces one, for comparisons."""
-    return override or ("log" if norm == "log" else "depth")
-
-
-def fit_input(pred, space, norm):
-    """What the alignment fits: for the depth-space fit the prediction turned into depth as DepthFM does
-    (data.prediction_to_depth: exp and min-max for a log model), for the log-space fit the normalised
-    prediction itself (log g ≈ a·x + b)."""
-    return data.prediction_to_depth(pred, norm) if space == "depth" else pred
-
-
-def resize_to(x, hw):
-    """(B, C, h, w) → (B, C, H, W): bilinear with antialiasing, as Marigold resizes inputs and predictions."""
-    if tuple(x.shape[-2:]) == tuple(hw):
-        return x
-    return F.interpolate(x, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
-
-
-def evaluate(predict, dataset, kind="rendered", space="log", batch=8, n=None, desc="eval", keys=("abs_rel", "delta1")):
-    """Mean metrics (`keys` of data.METRICS) over a data set, per image: align, clip to the set's range,
-    score valid pixels. predict(rgb (B, 3, H, W)) → what the alignment fits (B, 1, H, W) at the input's size."""
-    n = len(dataset) if n is None else min(n, len(dataset))
-    if n == 0:
-        raise ValueError("evaluation data set is empty")
-    scores = []
-    for i in tqdm(range(0, n, batch), desc=desc, leave=False):
-        items = [dataset[j] for j in range(i, min(i + batch, n))]
-        pred = predict(torch.stack([it["rgb"] for it in items]))
-        for it, p in zip(items, pred):
-            scores.append(data.evaluate_depth(p[0], it["depth"][0], it["valid"][0], kind, space))
-    return {k: float(np.mean([s[k] for s in scores])) for k in keys}
-
+# Validation on held-out data (train.py's), with a preview image
 
 def evaluate_heldout(unet, vae, d2f, context, dataset, objective, steps, norm="log", preview=None, ensemble=1, multires=0.0):
     """Held-out AbsRel/δ1 of the model (train.py's validation), and a preview PNG: input | truth | prediction."""
@@ -150,7 +88,7 @@ def evaluate_heldout(unet, vae, d2f, context, dataset, objective, steps, norm="l
     def predict(rgb):
         return predict_depth(unet, vae, d2f, context, rgb.to(device), objective, steps, ensemble, multires=multires)[0]
 
-    scores = evaluate(predict, dataset, space=alignment_space(norm), desc="validate")
+    scores = depth_eval.evaluate(predict, dataset, space=depth_eval.alignment_space(norm), desc="validate")
     if preview:
         items = [dataset[i] for i in range(min(4, len(dataset)))]
         pred = predict(torch.stack([it["rgb"] for it in items]))
@@ -162,127 +100,6 @@ def evaluate_heldout(unet, vae, d2f, context, dataset, objective, steps, norm="l
         save_png(preview, np.concatenate(rows, axis=0))
     return scores
 
-
-def evaluate_trivial(train_set, heldout, norm="log", n=500):
-    """The baseline every depth number must beat: predict the mean normalised training depth map."""
-    mean_map = data.mean_normalized_depth(train_set, n, norm)          # (1, H, W)
-    return evaluate(lambda rgb: mean_map.expand(rgb.shape[0], -1, -1, -1), heldout,
-                    space=alignment_space(norm), desc="trivial")
-
-
-def eval_settings(protocol, norm, long_edge, multiple, steps=None, ensemble=None, align=None, eval_res=None, limit=None):
-    """The settings one `--eval` runs with: the protocol's, each flag given on top. 'label' names them for
-    the output files: the protocol, plus what a flag changed ('paper+steps4'), plus '+limitN'.
-    size: the fixed processing size (H, W), 3:4 at the run's long edge unless eval_res 'HxW' gives it;
-    None = aspect ratio kept at long_edge."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown --protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
-    base = PROTOCOLS[protocol]
-    s = dict(protocol=protocol, norm=norm, steps=steps or base["steps"], ensemble=ensemble or base["ensemble"],
-             align=align or base["align"] or alignment_space(norm), size=None, long_edge=long_edge, limit=limit)
-    changed = [f"{k}{s[k]}" for k in ("steps", "ensemble") if s[k] != base[k]]
-    if s["align"] != (base["align"] or alignment_space(norm)):
-        changed.append(f"align-{s['align']}")
-    if eval_res:
-        hw = eval_res.lower().split("x")
-        if len(hw) != 2 or not all(v.isdigit() and int(v) > 0 for v in hw):
-            raise ValueError(f"--eval-res {eval_res!r}: give HxW, e.g. 384x512")
-        s["size"] = (int(hw[0]), int(hw[1]))
-        if any(v % multiple for v in s["size"]):
-            raise ValueError(f"--eval-res {eval_res}: both sides must be multiples of {multiple} (the model's downsampling)")
-        changed.append(f"res{s['size'][0]}x{s['size'][1]}")
-    elif base["resize"] == "fixed":   # the training resolution: 3:4 at its long edge, 384×512 for 512
-        s["size"] = (max(multiple, round(0.75 * long_edge / multiple) * multiple), long_edge)
-    label = "+".join([protocol] + changed + ([f"limit{limit}"] if limit else []))
-    fit = ("Marigold's least squares in depth space on DepthFM's exp + min-max of the prediction" if s["align"] == "depth"
-           else "least squares in log space (log g ≈ a·x + b, as the official validation)")
-    res = f"every input at {s['size'][0]}×{s['size'][1]}" if s["size"] else f"aspect ratio kept at long edge {long_edge}"
-    steps_text = f"{s['steps']} Euler step{'s' * (s['steps'] > 1)}"
-    quick = f" over the first {limit} images of each set (a quick look, not comparable to the paper)" if limit else ""
-    s.update(label=label, text=f"protocol {label}: {res}, {steps_text}, ensemble {s['ensemble']}, prediction resized back "
-                               f"to the truth's size, {fit}, clipped to each set's depth range; means of per-image "
-                               f"metrics{quick}")
-    return s
-
-
-def eval_datasets(sets, data_root, split=None):
-    """Open the data sets to evaluate, all of them before any prediction, so a missing file fails first.
-    One set: data_root is its extracted folder, split defaults to <data_root>/<set>_test.txt (DEFAULT_SPLITS).
-    Several ('--eval all'): data_root holds one folder per set, named as EVAL_SETS, each with its split file:
-    <data_root>/nyu/nyu_test.txt, <data_root>/kitti/kitti_test.txt, ... Returns {set: DepthFileDataset}."""
-    several = len(sets) > 1
-    if several and split:
-        raise ValueError("--split names one set's split file; with --eval all each set's is <data-root>/<set>/<set>_test.txt")
-    found, missing = {}, []
-    for s in sets:
-        root = os.path.join(data_root, s) if several else data_root
-        try:
-            found[s] = data.DepthFileDataset(s, root, split or os.path.join(root, DEFAULT_SPLITS[s]))
-        except FileNotFoundError as e:
-            missing.append(f"{s}: {e}")
-    if missing:
-        layout = f" (--eval all expects <data-root>/<set>/<set>_test.txt for {', '.join(EVAL_SETS)})" if several else ""
-        raise FileNotFoundError("; ".join(missing) + layout)
-    return found
-
-
-def score_images(predict, dataset, kind, spaces, norm, n=None, desc=None):
-    """Per-image metrics of a data set under each alignment space in `spaces` (the first is the protocol's;
-    another costs one fit, not a prediction). predict(rgb (1, 3, H, W)) → the normalised prediction
-    (1, 1, h, w) at its processing size; each fitted map is resized back to the truth's (H, W), and the
-    truth's depth and valid mask are the file's, never resized. Returns {space: [per-image dicts]}."""
-    n = len(dataset) if n is None else min(n, len(dataset))
-    per = {s: [] for s in spaces}
-    for i in tqdm(range(n), desc=desc, unit="img"):        # the bar shows images per second
-        it = dataset[i]
-        pred = predict(it["rgb"][None]).float().cpu()
-        for s in spaces:
-            fit = resize_to(fit_input(pred, s, norm), it["depth"].shape[-2:])[0, 0]
-            per[s].append(dict(name=it["name"], **data.evaluate_depth(fit, it["depth"][0], it["valid"][0], kind, s)))
-    return per
-
-
-def mean_metrics(per_image):
-    return {k: float(np.mean([r[k] for r in per_image])) for k in data.METRICS}
-
-
-def table2_markdown(results, settings, run):
-    """The paper's Table 2 columns (AbsRel, δ1 in %) for ours beside the paper's rows, then all of Marigold's
-    metrics for ours. results: {set: {"images": n, "metrics": {space: means}}}."""
-    spaces = list(next(iter(results.values()))["metrics"])
-
-    def cells(get):
-        return " | ".join(f"{get(s)[0]:.1f} | {get(s)[1]:.1f}" if get(s) else "— | —" for s in EVAL_SETS)
-
-    def ours(space):
-        return lambda s: ((results[s]["metrics"][space]["abs_rel"] * 100, results[s]["metrics"][space]["delta1"] * 100)
-                          if s in results else None)
-    head = " | ".join(f"{SET_TITLES[s]} AbsRel ↓ | {SET_TITLES[s]} δ1 ↑" for s in EVAL_SETS)
-    lines = [f"# Depth evaluation of {run}", "", settings["text"] + ".", "",
-             "Table 2 columns (AbsRel and δ1 in %):", "", f"| method | {head} |", "|---" + "|---:" * 2 * len(EVAL_SETS) + "|"]
-    for i, space in enumerate(spaces):
-        name = f"ours ({space}-space fit{', same predictions' if i else ''})"
-        lines.append(f"| {'**' + name + '**' if i == 0 else name} | {cells(ours(space))} |")
-    for name, row in PAPER_TABLE2.items():
-        lines.append(f"| {name} | {cells(row.get)} |")
-    lines += ["", "Paper rows: the paper's Table 2 (NFE 10, ensemble 4; the other methods' numbers as the paper took "
-                  "them from E2E-FT). Compare ours with them only under protocol paper on the full sets.", "",
-              f"All of Marigold's metrics, ours ({spaces[0]}-space fit), as Marigold's eval.py prints them (fractions; "
-              f"RMSE in m, i-RMSE in 1/m, SILog ×100):", "",
-              "| set | images | " + " | ".join(METRIC_TITLES[k] for k in data.METRICS) + " |",
-              "|---|---:" + "|---:" * len(data.METRICS) + "|"]
-    for s, r in results.items():
-        lines.append(f"| {SET_TITLES[s]} | {r['images']} | " + " | ".join(f"{r['metrics'][spaces[0]][k]:.4f}"
-                                                                         for k in data.METRICS) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -644,12 +461,12 @@ def main(argv=None):
     depth.add_argument("--ensemble", default=None, type=int, help="ensemble members per image (default 4)")
     depth.add_argument("--processing-res", default=None, type=int, help="long edge to process at (default: the training "
                        "resolution's; --eval paper processes at 3:4 of it)")
-    depth.add_argument("--eval", default=None, choices=EVAL_SETS + ("all",), help="evaluate on a data set, or all five "
+    depth.add_argument("--eval", default=None, choices=depth_eval.EVAL_SETS + ("all",), help="evaluate on a data set, or all five "
                        "(the paper's Table 2 columns; writes <run>/eval_<protocol>.md and .json)")
     depth.add_argument("--data-root", default=None, help="one set: its extracted archive; all: a folder holding "
                        "nyu/ kitti/ eth3d/ scannet/ diode/, each with its <set>_test.txt")
     depth.add_argument("--split", default=None, help="split file of one set (default: <data-root>/<set>_test.txt)")
-    depth.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="paper: Table 2's (training "
+    depth.add_argument("--protocol", default="paper", choices=list(depth_eval.PROTOCOLS), help="paper: Table 2's (training "
                        "resolution 384x512, 10 steps, ensemble 4, depth-space fit); native: aspect ratio kept, 4 steps, "
                        "fit in the space the model predicts")
     depth.add_argument("--align", default=None, choices=["log", "depth"], help="force the alignment space (default: "
@@ -749,7 +566,7 @@ def main_depth(args, p):
             p.error("--eval needs --data-root (one set's extracted archive, or for all the folder holding one per set)")
         return main_eval(args, run, loaded)
     objective, norm = loaded.objective, meta.get("diff2flow.norm", "log")
-    space = alignment_space(norm, args.align)
+    space = depth_eval.alignment_space(norm, args.align)
     out = args.out or os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "samples")
     print(f"run {run}: {objective} objective, {meta['diff2flow.prediction_type']}-prediction, {norm} depth; "
           f"{args.steps} {'DDIM' if objective == 'diffusion' else 'Euler'} steps, ensemble {args.ensemble}; "
@@ -778,8 +595,8 @@ def main_depth(args, p):
         write_depth_outputs(out, name, pred01, spread[0, 0].numpy(), norm)
         if truth is not None:
             save_png(os.path.join(out, f"{name}_input.png"), rgb_to_uint8(rgb))
-            fit = fit_input(pred[0, 0], space, norm)   # --align depth on a log model: DepthFM's exp + min-max first
-            scores.append(data.evaluate_depth(fit, truth["depth"][0], truth["valid"][0], "rendered", space))
+            fit = depth_eval.fit_input(pred[0, 0], space, norm)   # --align depth on a log model: DepthFM's exp + min-max first
+            scores.append(depth_eval.evaluate_depth(fit, truth["depth"][0], truth["valid"][0], "rendered", space))
     print(f"wrote {len(items)} predictions to {out}/ (*_pred.npy in [0, 1] = {'log' if norm == 'log' else 'linear'} "
           f"depth, near = 0; *_pred.png 16-bit; *_pred_colored.png near = red; *_uncertainty.png)")
     if scores:
@@ -796,9 +613,9 @@ def main_eval(args, run, loaded):
     norm = meta.get("diff2flow.norm", "log")
     multiple = pixel_multiple(unet, vae)
     long_edge = args.processing_res or int(meta.get("diff2flow.res_long_edge", 128 if tiny else 512))
-    st = eval_settings(args.protocol, norm, long_edge, multiple, args.steps, args.ensemble, args.align, args.eval_res, args.limit)
-    sets = EVAL_SETS if args.eval == "all" else (args.eval,)
-    datasets = eval_datasets(sets, args.data_root, args.split)
+    st = depth_eval.eval_settings(args.protocol, norm, long_edge, multiple, args.steps, args.ensemble, args.align, args.eval_res, args.limit)
+    sets = depth_eval.EVAL_SETS if args.eval == "all" else (args.eval,)
+    datasets = depth_eval.eval_datasets(sets, args.data_root, args.split)
     spaces = (st["align"], "log" if st["align"] == "depth" else "depth")   # the other fit is free: report both
     multires = float(meta.get("diff2flow.multires_noise", 0))
     print(f"run {run}: {loaded.objective} objective, {meta['diff2flow.prediction_type']}-prediction, {norm} depth")
@@ -806,25 +623,25 @@ def main_eval(args, run, loaded):
 
     def predict(rgb):   # (1, 3, H, W) → normalised prediction (1, 1, h, w) at the processing size
         size = st["size"] or processing_size(*rgb.shape[-2:], long_edge, multiple)
-        return predict_depth(unet, vae, loaded.d2f, loaded.context, resize_to(rgb, size).to(args.device), loaded.objective,
+        return predict_depth(unet, vae, loaded.d2f, loaded.context, depth_eval.resize_to(rgb, size).to(args.device), loaded.objective,
                              st["steps"], st["ensemble"], args.seed, multires=multires)[0]
 
     results, per_image = {}, {}
     for name, ds in datasets.items():
-        per = score_images(predict, ds, name, spaces, norm, args.limit, desc=name)
-        results[name] = dict(images=len(per[spaces[0]]), metrics={s: mean_metrics(per[s]) for s in spaces})
+        per = depth_eval.score_images(predict, ds, name, spaces, norm, args.limit, desc=name)
+        results[name] = dict(images=len(per[spaces[0]]), metrics={s: depth_eval.mean_metrics(per[s]) for s in spaces})
         per_image[name] = per
-        m, paper = results[name]["metrics"][spaces[0]], PAPER_TABLE2["Diff2Flow (paper)"][name]
+        m, paper = results[name]["metrics"][spaces[0]], depth_eval.PAPER_TABLE2["Diff2Flow (paper)"][name]
         print(f"{name} ({results[name]['images']} images): AbsRel {m['abs_rel'] * 100:.1f}  δ1 {m['delta1'] * 100:.1f}  "
               f"(paper's Diff2Flow: {paper[0]} / {paper[1]})")
     folder = args.out or (run if os.path.isdir(run) else os.path.dirname(run))
     stem = os.path.join(folder, f"eval_{st['label']}" + ("" if args.eval == "all" else f"_{args.eval}"))
-    text = table2_markdown(results, st, run)
-    write_text_atomic(stem + ".md", text)
+    text = depth_eval.table2_markdown(results, st, run)
+    depth_eval.write_text_atomic(stem + ".md", text)
     record = dict(run=run, settings={k: v for k, v in st.items() if k != "text"}, description=st["text"],
                   sets={n: dict(r, per_image=per_image[n]) for n, r in results.items()},
-                  paper_table2=dict(source="paper/diff2flow-paper.txt lines 229-244 (AbsRel, δ1 in %)", rows=PAPER_TABLE2))
-    write_text_atomic(stem + ".json", json.dumps(record, indent=1, ensure_ascii=False))
+                  paper_table2=dict(source="paper/diff2flow-paper.txt lines 229-244 (AbsRel, δ1 in %)", rows=depth_eval.PAPER_TABLE2))
+    depth_eval.write_text_atomic(stem + ".json", json.dumps(record, indent=1, ensure_ascii=False))
     print("\n" + text + f"\nwrote {stem}.md and {stem}.json")
     return results
 

@@ -22,6 +22,7 @@ the reflow pairs (noise, latent, caption) that sample.py generates.
 import glob
 import json
 import os
+import time
 from collections import OrderedDict
 
 import torch
@@ -90,11 +91,13 @@ def missing_shards(folder, prefix, num, shard_size, key=None, remove=True):
     return todo
 
 
-def build(folder, prefix, num, shard_size, make, key="", metadata=None, rank=0, world=1, desc=None):
+def build(folder, prefix, num, shard_size, make, key="", metadata=None, rank=0, world=1, desc=None, wait=False):
     """Make the missing shards of rows [0, num) that belong to this rank (k % world == rank).
     make(indices) -> (tensors {name: (len(indices), ...)}, strings {name: [...]}) for those rows.
-    Resumable: whole shards are kept, so a rerun after a kill does only what is left. Returns the count
-    made here; with several ranks, wait for the others (a barrier) before reading."""
+    Resumable: whole shards are kept, so a rerun after a kill does only what is left. With wait=True and
+    several ranks it returns once every rank's shards are on disk: it polls the folder rather than meeting the
+    others in a collective, which NCCL's watchdog would end if one rank's share took long (torchrun ends
+    all ranks if one dies). Returns the count made here."""
     os.makedirs(folder, exist_ok=True)
     if rank == 0:
         remove_temporaries(folder)
@@ -103,6 +106,8 @@ def build(folder, prefix, num, shard_size, make, key="", metadata=None, rank=0, 
         idx = list(range(k * shard_size, min(num, (k + 1) * shard_size)))
         tensors, strings = make(idx)
         write_shard(shard_path(folder, prefix, k), tensors, key, strings, metadata)
+    while wait and world > 1 and missing_shards(folder, prefix, num, shard_size, key, remove=False):
+        time.sleep(2)
     return len(todo)
 
 

@@ -13,15 +13,16 @@ sample.py samples, on every rank at once (each its share) so no rank waits on an
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
 import torch
 
 import data
+import depth_eval
 import data_t2i
 import sample
 import shards
+from checkpoint import parse_hw
 from diff2flow import multires_noise
 
 VAL_SCENES = 64          # held-out items scored at each validation (rendered: disjoint seeds from training)
@@ -32,13 +33,10 @@ REPORT_STEPS, REPORT_ENSEMBLE = 2, 4   # depth's final table: what `python sampl
 # Depth data: rendered scenes or the real sets, encoded to latents once
 
 def parse_res(res, tiny, square=False):
+    """--res, or the task's default: the tiny prior's 96x128, SD's 384x512 (depth) or 512x512 (t2i)."""
     if res is None:
         return ((96, 96) if tiny else (512, 512)) if square else ((96, 128) if tiny else (384, 512))
-    try:
-        h, w = (int(v) for v in res.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--res must look like 384x512, got {res!r}")
-    return h, w
+    return parse_hw(res)
 
 
 def depth_sets(args, hw):
@@ -130,10 +128,7 @@ def latent_cache(vae, ds, name, args, info, device, rank, world, log):
         return dict(img=img.half(), depth=dep.half(), mask=mask), {}
 
     made = shards.build(folder, "latents", len(ds), CACHE_SHARD, make, key=key, metadata=dict(ident=json.dumps(ident)),
-                        rank=rank, world=world, desc=f"encoding {name} once")
-    if world > 1:       # wait for the other ranks' shards on disk (no collective: no watchdog to outrun)
-        while shards.missing_shards(folder, "latents", len(ds), CACHE_SHARD, key, remove=False):
-            time.sleep(2)
+                        rank=rank, world=world, desc=f"encoding {name} once", wait=True)
     cache = shards.ShardedRows(folder, "latents", key)
     log(f"latent cache {folder}: {len(cache)} items" + (f" ({made} shards encoded now)" if made else " (reused)"))
     return cache
@@ -219,8 +214,8 @@ class DepthTask:
         total = sum(data.normalize_depth(it["depth"], it["valid"], self.args.norm)[0] for it in items)
         total = all_ranks_sum(torch.as_tensor(total, dtype=torch.float64, device=self.device), self.world).cpu()
         mean_map = (total / n).float()
-        return self._scores(lambda part: sample.evaluate(lambda rgb: mean_map.expand(rgb.shape[0], -1, -1, -1), part,
-                                                          space=sample.alignment_space(self.args.norm), desc="trivial"), heldout)
+        return self._scores(lambda part: depth_eval.evaluate(lambda rgb: mean_map.expand(rgb.shape[0], -1, -1, -1), part,
+                                                          space=depth_eval.alignment_space(self.args.norm), desc="trivial"), heldout)
 
     def report(self, unet, step):
         """The final table: sample.py's protocol (aligned ensemble) on more held-out items than validation
@@ -303,9 +298,6 @@ class ImageTask:
             made = data_t2i.cache_latents(dataset, lambda rgb: vae.encode(rgb.to(device)), folder, key, rank=rank, world=world,
                                           metadata={"data": os.path.abspath(args.data), "res": f"{hw[0]}x{hw[1]}",
                                                     "ckpt": os.path.basename(info["ckpt"])})
-            while world > 1 and shards.missing_shards(folder, data_t2i.LATENTS, len(dataset), data_t2i.CACHE_SHARD, key,
-                                                      remove=False):
-                time.sleep(2)                            # the other ranks' shards (no collective: no watchdog)
             self.rows, self.names = data_t2i.LatentCache(folder, key), ("latent",)
             where = f"latents cached in {folder}" + (f" ({made} shard(s) encoded now)" if made else "")
         else:

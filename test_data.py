@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import depth_eval
 import scenes
 
 # -----------------------------------------------------------------------------
@@ -116,9 +117,9 @@ def test_mean_depth_map_is_a_weak_baseline_on_heldout_scenes():
     train = data.RenderedDepthDataset.split("train", 150, 32, 32)
     held = data.RenderedDepthDataset.split("heldout", 80, 32, 32)
     mean = data.mean_normalized_depth(train)[0]
-    base = np.array([[data.evaluate_depth(mean, it["depth"][0], it["valid"][0])[k] for k in ("abs_rel", "delta1")]
+    base = np.array([[depth_eval.evaluate_depth(mean, it["depth"][0], it["valid"][0])[k] for k in ("abs_rel", "delta1")]
                      for it in (held[i] for i in range(len(held)))])
-    flat = np.array([data.evaluate_depth(torch.zeros(32, 32), it["depth"][0], it["valid"][0])["abs_rel"]
+    flat = np.array([depth_eval.evaluate_depth(torch.zeros(32, 32), it["depth"][0], it["valid"][0])["abs_rel"]
                      for it in (held[i] for i in range(len(held)))])
     abs_rel, delta1 = base.mean(0)
     print(f"mean-depth-map baseline on held-out scenes: AbsRel {abs_rel:.3f} delta1 {delta1:.3f}; "
@@ -372,38 +373,38 @@ def test_least_squares_recovers_a_known_scale_and_shift():
     p = torch.rand(30, 40, generator=g) * 2 - 1
     valid = torch.rand(30, 40, generator=g) > 0.3
     target = 2.5 * p + 0.7 + torch.where(valid, 0.0, 100.0)  # invalid pixels are wild
-    a, b = data.fit_scale_shift(p, target, valid)
+    a, b = depth_eval.fit_scale_shift(p, target, valid)
     assert abs(a - 2.5) < 1e-6 and abs(b - 0.7) < 1e-6
     gt = torch.exp(1.3 * p.double() + 0.4)  # a log-depth model's output is affine in log depth
-    aligned, a, b = data.align_prediction(p, gt, valid, "log")
+    aligned, a, b = depth_eval.align_prediction(p, gt, valid, "log")
     assert abs(a - 1.3) < 1e-9 and abs(b - 0.4) < 1e-9
     np.testing.assert_allclose(aligned[valid], gt[valid], rtol=1e-9)
-    aligned, a, b = data.align_prediction(p, 3.0 * p.double() + 5.0, valid, "depth")
+    aligned, a, b = depth_eval.align_prediction(p, 3.0 * p.double() + 5.0, valid, "depth")
     assert abs(a - 3.0) < 1e-9 and abs(b - 5.0) < 1e-9
     with pytest.raises(ValueError, match="alignment space 'disparity'"):
-        data.align_prediction(p, gt, valid, "disparity")
+        depth_eval.align_prediction(p, gt, valid, "disparity")
 
 
 def test_abs_rel_and_delta1_on_hand_made_cases():
     gt = torch.tensor([1.0, 1.0, 4.0, 2.0, 10.0])
     pred = torch.tensor([1.0, 2.0, 4.0, 2.4, 0.0])
     valid = torch.tensor([True, True, True, True, False])  # the last pixel is wildly wrong but invalid
-    m = data.depth_metrics(pred, gt, valid)
+    m = depth_eval.depth_metrics(pred, gt, valid)
     assert m["abs_rel"] == pytest.approx((0 + 1 + 0 + 0.2) / 4)
     assert m["delta1"] == pytest.approx(3 / 4)  # 2/1 fails, 2.4/2 = 1.2 passes
-    m = data.depth_metrics(torch.tensor([1.26, 1 / 1.24]), torch.tensor([1.0, 1.0]), torch.tensor([True, True]))
+    m = depth_eval.depth_metrics(torch.tensor([1.26, 1 / 1.24]), torch.tensor([1.0, 1.0]), torch.tensor([True, True]))
     assert m["delta1"] == 0.5
     with pytest.raises(ValueError, match="no valid"):
-        data.depth_metrics(pred, gt, torch.zeros(5, dtype=torch.bool))
+        depth_eval.depth_metrics(pred, gt, torch.zeros(5, dtype=torch.bool))
 
 
 def test_evaluate_depth_clips_to_the_data_set_range():
     gt = torch.tensor([[2.0, 8.0], [9.0, 9.5]])
     pred = torch.tensor([[2.0, 8.0], [9.0, 40.0]])  # affine-exact except the last, which will clip at 10 m
     valid = torch.tensor([[True, True], [True, False]])
-    r = data.evaluate_depth(pred, gt, valid, kind="nyu", space="depth")
+    r = depth_eval.evaluate_depth(pred, gt, valid, kind="nyu", space="depth")
     assert r["abs_rel"] < 1e-9 and r["delta1"] == 1.0 and r["scale"] == pytest.approx(1.0)
-    r = data.evaluate_depth(pred, gt, torch.ones(2, 2, dtype=torch.bool), kind="nyu", space="depth")
+    r = depth_eval.evaluate_depth(pred, gt, torch.ones(2, 2, dtype=torch.bool), kind="nyu", space="depth")
     assert r["abs_rel"] > 0.01
 
 
@@ -413,9 +414,9 @@ def test_ensemble_alignment_recovers_truth_from_affine_copies():
     truth = torch.nn.functional.interpolate(coarse, size=(24, 32), mode="bilinear")[0, 0]
     scales, shifts = torch.rand(5, generator=g) * 2 + 0.3, torch.rand(5, generator=g) * 2 - 1
     copies = scales[:, None, None] * truth + shifts[:, None, None]
-    merged, spread = data.ensemble_align(copies)
+    merged, spread = depth_eval.ensemble_align(copies)
     everywhere = torch.ones(24, 32, dtype=torch.bool)
-    aligned, _, _ = data.align_prediction(merged, truth.double().exp(), everywhere, "log")
+    aligned, _, _ = depth_eval.align_prediction(merged, truth.double().exp(), everywhere, "log")
     np.testing.assert_allclose(aligned.log(), truth.double(), atol=1e-5)
     assert spread.max() < 1e-5
     # the gauge: the merged map keeps the members' average mean and spread
@@ -424,20 +425,20 @@ def test_ensemble_alignment_recovers_truth_from_affine_copies():
     noisy = copies.clone()
     for k in range(5):
         noisy[k, (k * 4):(k * 4 + 4), :8] += 3.0 * scales[k]
-    merged, spread = data.ensemble_align(noisy[:, None], reduction="median")
+    merged, spread = depth_eval.ensemble_align(noisy[:, None], reduction="median")
     assert merged.shape == (1, 24, 32)
     err_merged = _affine_residual(merged[0], truth)
     err_members = min(_affine_residual(noisy[k], truth) for k in range(5))
     assert err_merged < 1e-4 and err_members > 0.3  # exact up to float32, though no member is
-    err_mean = _affine_residual(data.ensemble_align(noisy, reduction="mean")[0], truth)
+    err_mean = _affine_residual(depth_eval.ensemble_align(noisy, reduction="mean")[0], truth)
     assert err_mean > 100 * err_merged  # the median is what removes the outliers
     # the spread map shows where members disagree: noise on the left half only
     noise = torch.randn(5, 24, 32, generator=g) * 0.05 * scales[:, None, None]
     noise[:, :, 16:] = 0
-    _, spread = data.ensemble_align(copies + noise)
+    _, spread = depth_eval.ensemble_align(copies + noise)
     assert spread[:, :16].mean() > 0.01 and spread[:, 16:].mean() < spread[:, :16].mean() / 5
 
 
 def _affine_residual(x, truth):
-    a, b = data.fit_scale_shift(x, truth, torch.ones_like(truth, dtype=torch.bool))
+    a, b = depth_eval.fit_scale_shift(x, truth, torch.ones_like(truth, dtype=torch.bool))
     return float((a * x.double() + b - truth.double()).abs().max())

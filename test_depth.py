@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import depth_eval
 import sample
 import tasks
 import train
@@ -176,7 +177,7 @@ def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
     source = float(m.meta["diff2flow.multires_noise"])      # the strength the run recorded
 
     def score(loaded, unet):   # one Euler step from the same noise: the model's E[depth | image]
-        return sample.evaluate(lambda rgb: sample.predict_depth(unet, loaded.vae, m.d2f, loaded.context, rgb, steps=1,
+        return depth_eval.evaluate(lambda rgb: sample.predict_depth(unet, loaded.vae, m.d2f, loaded.context, rgb, steps=1,
                                                                 multires=source)[0], heldout)["abs_rel"]
 
     before, after = score(prior, widen_input_conv(prior.unet, 8)), score(m, m.unet)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import depth_eval
 
 
 # --- metrics: each one on arrays small enough to compute by hand --------------------------------------
@@ -13,8 +14,8 @@ import data
 def test_each_metric_on_a_hand_made_case():
     ratios = [1.0, 1.2, 1.4, 1.8, 3.0]            # p / g; truth 2 m everywhere, so g² != g (SqRel divides by g)
     gt, pred = torch.full((5,), 2.0), torch.tensor([2 * r for r in ratios])
-    m = data.depth_metrics(pred, gt, torch.ones(5, dtype=torch.bool))
-    assert set(m) == set(data.METRICS)
+    m = depth_eval.depth_metrics(pred, gt, torch.ones(5, dtype=torch.bool))
+    assert set(m) == set(depth_eval.METRICS)
     diff = [2 * r - 2 for r in ratios]            # 0, 0.4, 0.8, 1.6, 4
     e = [math.log(r) for r in ratios]
     assert m["abs_rel"] == pytest.approx((0 + 0.2 + 0.4 + 0.8 + 2.0) / 5)
@@ -33,31 +34,31 @@ def test_metrics_ignore_invalid_pixels_and_see_scale():
     gt = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
     valid = torch.tensor([[True, True], [True, False]])
     pred = torch.where(valid, 1.5 * gt, torch.tensor(1e4))        # scale 1.5 off, the invalid pixel wild
-    m = data.depth_metrics(pred, gt, valid)
+    m = depth_eval.depth_metrics(pred, gt, valid)
     assert m["abs_rel"] == pytest.approx(0.5) and m["rmse_log"] == pytest.approx(math.log(1.5))
     assert m["silog"] == pytest.approx(0, abs=1e-6)              # scale-invariant: a pure scale error is 0
     assert m["rmse"] == pytest.approx(math.sqrt((0.25 + 1 + 4) / 3))
     assert m["i_rmse"] == pytest.approx(math.sqrt(sum((1 / (1.5 * g) - 1 / g) ** 2 for g in (1, 2, 4)) / 3))
     assert (m["delta1"], m["delta2"]) == (0.0, 1.0)              # 1.5 is outside 1.25, inside 1.5625
     with pytest.raises(ValueError, match="must be > 0"):
-        data.depth_metrics(torch.zeros(2, 2), gt, valid)
+        depth_eval.depth_metrics(torch.zeros(2, 2), gt, valid)
     with pytest.raises(ValueError, match="no valid"):
-        data.depth_metrics(pred, gt, torch.zeros(2, 2, dtype=torch.bool))
+        depth_eval.depth_metrics(pred, gt, torch.zeros(2, 2, dtype=torch.bool))
 
 
 def test_prediction_to_depth_is_depthfm_exp_then_min_max():
     x = torch.tensor([[[-1.0, 0.0], [0.5, 1.0]]])                    # (1, 2, 2), near = -1
-    d = data.prediction_to_depth(x, "log")
+    d = depth_eval.prediction_to_depth(x, "log")
     e = torch.exp(x.double())
     expect = (e - e.min()) / (e.max() - e.min())
     torch.testing.assert_close(d.double(), expect)
     assert d.dtype == x.dtype and d.min() == 0 and d.max() == 1 and d[0, 0, 0] == 0     # near stays 0
-    torch.testing.assert_close(data.prediction_to_depth(x, "affine"), (x + 1) / 2)   # affine: min-max only
-    assert data.prediction_to_depth(torch.ones(1, 3, 3), "log").abs().max() == 0      # constant: 0, not nan
-    two = data.prediction_to_depth(torch.stack([x[0], 3 * x[0]]), "log")           # per image, not per batch
+    torch.testing.assert_close(depth_eval.prediction_to_depth(x, "affine"), (x + 1) / 2)   # affine: min-max only
+    assert depth_eval.prediction_to_depth(torch.ones(1, 3, 3), "log").abs().max() == 0      # constant: 0, not nan
+    two = depth_eval.prediction_to_depth(torch.stack([x[0], 3 * x[0]]), "log")           # per image, not per batch
     assert two[1].min() == 0 and two[1].max() == 1
     with pytest.raises(ValueError, match="normalisation 'metric'"):
-        data.prediction_to_depth(x, "metric")
+        depth_eval.prediction_to_depth(x, "metric")
 
 
 def test_an_affine_map_of_the_truth_scores_zero_error_in_depth_space():
@@ -65,7 +66,7 @@ def test_an_affine_map_of_the_truth_scores_zero_error_in_depth_space():
     gt = 0.5 + 9 * torch.rand(24, 32, generator=g, dtype=torch.float64)
     valid = torch.rand(24, 32, generator=g) > 0.2
     pred = torch.where(valid, 0.3 * gt + 1.7, torch.tensor(-50.0, dtype=torch.float64))   # invalid pixels wild
-    r = data.evaluate_depth(pred, gt, valid, "nyu", "depth")
+    r = depth_eval.evaluate_depth(pred, gt, valid, "nyu", "depth")
     assert r["scale"] == pytest.approx(1 / 0.3) and r["shift"] == pytest.approx(-1.7 / 0.3)
     for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "i_rmse", "silog"):
         assert r[k] == pytest.approx(0, abs=1e-9), k
@@ -73,9 +74,9 @@ def test_an_affine_map_of_the_truth_scores_zero_error_in_depth_space():
     # through the paper's chain: a log-model output whose exp is affine in depth (exp x = 0.2 g + 1) is
     # exact after DepthFM's exp + min-max and the depth-space fit; the log-space fit of the same x is not
     x = torch.log(0.2 * gt + 1)
-    r = data.evaluate_depth(data.prediction_to_depth(x, "log"), gt, valid, "nyu", "depth")
+    r = depth_eval.evaluate_depth(depth_eval.prediction_to_depth(x, "log"), gt, valid, "nyu", "depth")
     assert r["abs_rel"] < 1e-9 and r["silog"] < 1e-5
-    assert data.evaluate_depth(x, gt, valid, "nyu", "log")["abs_rel"] > 0.01
+    assert depth_eval.evaluate_depth(x, gt, valid, "nyu", "log")["abs_rel"] > 0.01
 
 
 # --- the protocol in sample.py -----------------------------------------------------------------------
@@ -91,19 +92,19 @@ from test_depth import FAST, no_temp_files, tiny_ckpt  # noqa: E402,F401  (the t
 
 
 def test_protocol_settings_and_labels():
-    st = sample.eval_settings("paper", "log", 512, 64)                 # an SD run trained at 384×512
+    st = depth_eval.eval_settings("paper", "log", 512, 64)                 # an SD run trained at 384×512
     assert (st["size"], st["steps"], st["ensemble"], st["align"], st["label"]) == ((384, 512), 10, 4, "depth", "paper")
     assert "384×512" in st["text"] and "10 Euler steps" in st["text"]
-    assert sample.eval_settings("paper", "log", 128, 32)["size"] == (96, 128)   # the tiny prior's training size
-    st = sample.eval_settings("paper", "log", 512, 64, steps=4, align="log", limit=5)
+    assert depth_eval.eval_settings("paper", "log", 128, 32)["size"] == (96, 128)   # the tiny prior's training size
+    st = depth_eval.eval_settings("paper", "log", 512, 64, steps=4, align="log", limit=5)
     assert st["label"] == "paper+steps4+align-log+limit5" and "not comparable" in st["text"]
-    native = sample.eval_settings("native", "log", 512, 64)
+    native = depth_eval.eval_settings("native", "log", 512, 64)
     assert native["size"] is None and native["align"] == "log" and native["steps"] == 4 and native["label"] == "native"
-    assert sample.eval_settings("native", "affine", 512, 64)["align"] == "depth"   # the space the model predicts
-    assert sample.eval_settings("native", "log", 512, 64, eval_res="256x320")["size"] == (256, 320)
+    assert depth_eval.eval_settings("native", "affine", 512, 64)["align"] == "depth"   # the space the model predicts
+    assert depth_eval.eval_settings("native", "log", 512, 64, eval_res="256x320")["size"] == (256, 320)
     for bad in ("384", "384x500", "axb"):
         with pytest.raises(ValueError, match="--eval-res"):
-            sample.eval_settings("paper", "log", 512, 64, eval_res=bad)
+            depth_eval.eval_settings("paper", "log", 512, 64, eval_res=bad)
 
 
 def test_the_384x512_resize_and_back_keeps_the_truths_size_and_valid_mask(monkeypatch):
@@ -116,24 +117,24 @@ def test_the_384x512_resize_and_back_keeps_the_truths_size_and_valid_mask(monkey
         depth = (1 + 4 * yy + 2 * xx)[None]
         valid = torch.rand(1, h, w, generator=g) > 0.3
         items.append(dict(rgb=torch.zeros(3, h, w), depth=depth * valid, valid=valid, name=f"{h}x{w}", truth=depth))
-    st = sample.eval_settings("paper", "log", 512, 64)
+    st = depth_eval.eval_settings("paper", "log", 512, 64)
     seen_in, seen_fit = [], []
 
     def predict(rgb):   # stands in for the model: the truth's normalised log depth, at the processing size
         seen_in.append(tuple(rgb.shape))
         it = items[len(seen_in) - 1]
         x = data.normalize_depth(it["truth"], torch.ones_like(it["valid"]), "log", q=0)[0]
-        return sample.resize_to(x[None], st["size"])
+        return depth_eval.resize_to(x[None], st["size"])
 
-    real = data.evaluate_depth
+    real = depth_eval.evaluate_depth
 
     def spy(pred, gt, valid, kind, space):
         seen_fit.append((space, tuple(pred.shape), valid))
         return real(pred, gt, valid, kind, space)
 
-    monkeypatch.setattr(data, "evaluate_depth", spy)
-    per = sample.score_images(lambda rgb: predict(sample.resize_to(rgb, st["size"])), items, "rendered",
-                              ("depth", "log"), "log")
+    monkeypatch.setattr(depth_eval, "evaluate_depth", spy)
+    per = depth_eval.score_images(lambda rgb: predict(depth_eval.resize_to(rgb, st["size"])), items, "rendered",
+                                  ("depth", "log"), "log")
     assert seen_in == [(1, 3, 384, 512)] * 3
     assert [f[0] for f in seen_fit] == ["depth", "log"] * 3
     for k, it in enumerate(items):
@@ -154,7 +155,7 @@ def _write_five_sets(root, n=2):
         samples = [dict(rgb=rng.random((h, w, 3)), depth=1.0 + 5.0 * yy / h + 2.0 * xx / w + i,
                         valid=rng.random((h, w)) > 0.1) for i in range(n)]
         split = data.write_depth_set(name, os.path.join(root, name), samples)
-        os.replace(split, os.path.join(root, name, sample.DEFAULT_SPLITS[name]))
+        os.replace(split, os.path.join(root, name, depth_eval.DEFAULT_SPLITS[name]))
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_eval_all_runs_end_to_end_and_writes_the_table(tiny_ckpt, tiny_run, tmp_
     out, err = capsys.readouterr()
     assert "protocol paper+steps1+ensemble2: every input at 24×32, 1 Euler step, ensemble 2" in out
     assert "img/s" in err                                                # a progress bar per set, images per second
-    assert list(results) == list(sample.EVAL_SETS)
+    assert list(results) == list(depth_eval.EVAL_SETS)
     assert calls == [((1, 3, 24, 32), 1, 2)] * 10      # every image of every set at 3:4 of the run's long edge
     stem = os.path.join(tiny_run, "eval_paper+steps1+ensemble2")
     with open(stem + ".json") as f:
@@ -187,10 +188,10 @@ def test_eval_all_runs_end_to_end_and_writes_the_table(tiny_ckpt, tiny_run, tmp_
     with open(stem + ".md") as f:
         md = f.read()
     assert rec["settings"]["size"] == [24, 32] and rec["settings"]["align"] == "depth"
-    for name in sample.EVAL_SETS:
+    for name in depth_eval.EVAL_SETS:
         s = rec["sets"][name]
         assert s["images"] == 2 and set(s["metrics"]) == {"depth", "log"}
-        assert set(s["metrics"]["depth"]) == set(data.METRICS)
+        assert set(s["metrics"]["depth"]) == set(depth_eval.METRICS)
         assert len(s["per_image"]["depth"]) == 2
         m = s["metrics"]["depth"]
         assert m["abs_rel"] == pytest.approx(np.mean([r["abs_rel"] for r in s["per_image"]["depth"]]))
@@ -198,10 +199,10 @@ def test_eval_all_runs_end_to_end_and_writes_the_table(tiny_ckpt, tiny_run, tmp_
     # the markdown: our row carries the JSON's numbers in %, beside the paper's own row
     ours = next(line for line in md.splitlines() if line.startswith("| **ours (depth-space fit)**"))
     expect = " | ".join(f"{rec['sets'][s]['metrics']['depth']['abs_rel'] * 100:.1f} | "
-                        f"{rec['sets'][s]['metrics']['depth']['delta1'] * 100:.1f}" for s in sample.EVAL_SETS)
+                        f"{rec['sets'][s]['metrics']['depth']['delta1'] * 100:.1f}" for s in depth_eval.EVAL_SETS)
     assert ours.endswith(expect + " |")
     paper = next(line for line in md.splitlines() if line.startswith("| Diff2Flow (paper)"))
-    assert paper.split(" | ")[1:3] == [str(v) for v in sample.PAPER_TABLE2["Diff2Flow (paper)"]["nyu"]]
+    assert paper.split(" | ")[1:3] == [str(v) for v in depth_eval.PAPER_TABLE2["Diff2Flow (paper)"]["nyu"]]
     assert sum(line.startswith("|---") for line in md.splitlines()) == 2      # two tables
     assert "SILog" in md and no_temp_files(tiny_run)
     # --limit: a quick look, its own file, said to be not comparable; the default protocol is paper's

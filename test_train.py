@@ -199,3 +199,21 @@ def test_validation_runs_in_the_training_precision(tiny_ckpt, tmp_path, monkeypa
     monkeypatch.setattr(sample, "evaluate_heldout", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or real(*a, **k))
     train.main(["--ckpt", tiny_ckpt, "--steps", "1", "--out", str(tmp_path / "r"), "--precision", "bf16", *FAST])
     assert seen and all(seen)
+
+
+def test_the_ddp_model_is_compiled_not_the_unet(monkeypatch):
+    """Compiling the UNet before DDP wraps it leaves backward and gradient communication unoverlapped."""
+    import torch.nn.parallel
+    compiled = []
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            self.module = module
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    unet, _ = tiny_models("cpu")
+    net, ddp = train.wrap(unet, 2, "cpu", True)
+    assert isinstance(ddp, FakeDDP) and ddp.module is unet and compiled == [ddp]
+    net, ddp = train.wrap(unet, 1, "cpu", False)
+    assert net is ddp is unet

@@ -36,7 +36,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from checkpoint import load_sd_checkpoint, save_sd_checkpoint
-from data import RenderedDepthDataset, evaluate_depth, normalize_depth, denormalize_depth, depth_metrics
+from data import RenderedDepthDataset, normalize_depth, denormalize_depth
+from depth_eval import depth_metrics, evaluate_depth
 from diff2flow import Diff2Flow, conditioned
 from unet import UNetConfig, UNetModel
 from vae import SCALE_FACTOR, AutoencoderKL, VAEConfig
@@ -225,7 +226,7 @@ def fold_latent_scale(vae, s):
 def evaluate_vae(vae, held):
     """Reconstruction error on held-out scenes: RGB and normalised depth in [-1, 1] units, and depth
     AbsRel/delta1 of the reconstruction (a) de-normalised with the image's own quantiles and (b) aligned
-    in log space as data.evaluate_depth does for models. `floor` = the same numbers for the
+    in log space as depth_eval.evaluate_depth does for models. `floor` = the same numbers for the
     un-reconstructed normalised depth (the quantile clipping alone)."""
     rgb = to_float(held["rgb"])
     rec_rgb = vae.decode(vae.encode(rgb))

@@ -455,6 +455,18 @@ def apply_defaults(args, info, world, log):
                 f"where few-step samples read the image; see README; --t-density uniform for the method as written)")
 
 
+def wrap(unet, world, device, use_compile):
+    """(what the step calls, the DDP module for no_sync). DDP first, then torch.compile: compiling the
+    DDP-wrapped model splits the graph at its gradient buckets, so backward and communication overlap;
+    compiling the UNet before wrapping it would leave DDP one opaque graph to wait for."""
+    net = unet
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    ddp = net
+    return (torch.compile(net) if use_compile else net), ddp
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_ddp(args.device)
@@ -499,13 +511,7 @@ def main(argv=None):
             trim_log(os.path.join(args.out, LOG_FILE), start)
         log(f"resumed {args.out} at step {start}")
 
-    net = unet
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    ddp = net
-    if args.compile:     # after DDP, so the compiled graph is split at its gradient buckets and overlaps them
-        net = torch.compile(net)
+    net, ddp = wrap(unet, world, device, args.compile)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
