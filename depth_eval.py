@@ -234,13 +234,6 @@ def evaluate(predict, dataset, kind="rendered", space="log", batch=8, n=None, de
     return {k: float(np.mean([s[k] for s in scores])) for k in keys}
 
 
-def evaluate_trivial(train_set, heldout, norm="log", n=500):
-    """The baseline every depth number must beat: predict the mean normalised training depth map."""
-    mean_map = data.mean_normalized_depth(train_set, n, norm)          # (1, H, W)
-    return evaluate(lambda rgb: mean_map.expand(rgb.shape[0], -1, -1, -1), heldout,
-                    space=alignment_space(norm), desc="trivial")
-
-
 def eval_settings(protocol, norm, long_edge, multiple, steps=None, ensemble=None, align=None, eval_res=None, limit=None):
     """The settings one `--eval` runs with: the protocol's, each flag given on top. 'label' names them for
     the output files: the protocol, plus what a flag changed ('paper+steps4'), plus '+limitN'.

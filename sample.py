@@ -27,7 +27,7 @@ import data
 import data_t2i
 import depth_eval
 import shards
-from checkpoint import STALE_NAME, STEP_DIR, device_problem, find_checkpoint, load_sd_checkpoint, parse_hw, run_lora
+from checkpoint import STALE_NAME, STEP_DIR, device_problem, find_checkpoint, load_sd_checkpoint, parse_hw, run_lora, use_tf32
 from diff2flow import Diff2Flow, conditioned, multires_noise
 from lora import bake_lora, companion_path, load_lora, merge_lora, read_metadata
 from unet import widen_input_conv
@@ -503,8 +503,7 @@ def main(argv=None):
     problem = device_problem(args.device)
     if problem:
         p.error(problem)
-    if args.device.startswith("cuda"):   # TF32 for what stays fp32: same range, several times faster
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_tf32(args.device)
     return main_depth(args, p) if args.task == "depth" else main_t2i(args)
 
 

@@ -165,7 +165,7 @@ class DepthTask:
         for what, subset in (("--val-items", self.heldout), ("--report-scenes", self.report_set)):
             if subset is not None and len(subset) < world:
                 raise ValueError(f"{what}: {len(subset)} held-out items for {world} processes; each needs one")
-        self.caches, self.stream = None, None
+        self.caches, self.stream, self._mean_map = None, None, None
         if not args.no_cache:
             self.caches = [latent_cache(vae, s, n, args, info, device, rank, world, log) for s, n in zip(self.sets, self.names)]
         log(f"training on {' + '.join(f'{len(s)} {n}' for s, n in zip(self.sets, self.names))} items at {hw[0]}x{hw[1]}"
@@ -209,13 +209,15 @@ class DepthTask:
 
     def trivial(self, heldout, n=500):
         """The baseline every depth number must beat: the mean normalised training depth map (of the first
-        n training samples), scored like a prediction."""
-        items = torch.utils.data.Subset(self.samples, range(self.rank, n, self.world))
-        total = sum(data.normalize_depth(it["depth"], it["valid"], self.args.norm)[0] for it in items)
-        total = all_ranks_sum(torch.as_tensor(total, dtype=torch.float64, device=self.device), self.world).cpu()
-        mean_map = (total / n).float()
+        n training samples, each rank averaging its share), scored like a prediction."""
+        if self._mean_map is None:     # read once: the validation and the report baselines share it
+            share = torch.utils.data.Subset(self.samples, range(self.rank, n, self.world))
+            total = data.mean_normalized_depth(share, mode=self.args.norm).double() * len(share)
+            self._mean_map = (all_ranks_sum(total.to(self.device), self.world).cpu() / n).float()
+        mean_map = self._mean_map
         return self._scores(lambda part: depth_eval.evaluate(lambda rgb: mean_map.expand(rgb.shape[0], -1, -1, -1), part,
-                                                          space=depth_eval.alignment_space(self.args.norm), desc="trivial"), heldout)
+                                                             space=depth_eval.alignment_space(self.args.norm),
+                                                             desc="trivial"), heldout)
 
     def report(self, unet, step):
         """The final table: sample.py's protocol (aligned ensemble) on more held-out items than validation
@@ -330,6 +332,9 @@ class ImageTask:
         drop = torch.rand(len(idx), generator=g) < self.args.caption_dropout   # for classifier-free guidance
         captions = ["" if d else c for c, d in zip(self.rows.strings("caption", idx), drop.tolist())]
         return dict(x1=rows["latent"], concat=None, mask=None, noise=rows.get("noise"), context=self.encode_text(captions))
+
+    def start(self, step, end):
+        """Nothing to set up: batches are read from the shards on demand."""
 
     def baseline(self):
         return None

@@ -29,7 +29,7 @@ import data_t2i
 import sample
 from tasks import REPORT_ENSEMBLE, REPORT_STEPS, VAL_SCENES, DepthTask, ImageTask, sample_numbers
 from checkpoint import (RUN_LORA, RUN_STATE, commit_checkpoint, device_problem, find_checkpoint, latest_checkpoint,
-                        load_sd_checkpoint, parse_hw, tidy_run)
+                        load_sd_checkpoint, parse_hw, tidy_run, use_tf32)
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned
 from lora import (CONV_IN, CONV_OUT, PAPER_TRAINED, bake_lora, companion_path, inject_lora, load_lora, lora_metadata,
                   lora_rank, parse_targets, read_metadata, save_lora)
@@ -473,8 +473,7 @@ def main(argv=None):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    if device.startswith("cuda"):    # TF32 for what stays fp32 (the frozen VAE, the loss): same range, 8x faster
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)
 
     unet, vae, text_encoder, context, d2f, info = build(args, log)
     apply_defaults(args, info, world, log)
@@ -543,8 +542,7 @@ def main(argv=None):
 
     unet.train()
     end = min(args.steps, args.stop_at or args.steps)
-    if hasattr(task, "start"):
-        task.start(start, end)
+    task.start(start, end)
     ema_now = None if ema is None else [ema[n] for n in names]
     t0, t_data, loss_sum, n_logged = time.time(), 0.0, torch.zeros((), device=device), 0
     bar = tqdm(range(start, end), initial=start, total=args.steps, disable=not master, desc="train")
@@ -584,7 +582,8 @@ def main(argv=None):
             n_logged = 0
         if done % args.val_every == 0 or done == args.steps:
             scores = evaluated(task.validate, done)
-            bar.write(f"step {done}: {task.describe(scores)}") if master else None
+            if master:
+                bar.write(f"step {done}: {task.describe(scores)}")
             write_log(dict(step=done, kind="val", **scores))
         if master and (done % args.save_every == 0 or done == end):
             save_run(args.out, unet, opt, ema, done, args, info)
