@@ -85,7 +85,7 @@ CONFIGS = {
         batch=2, latent=(16, 16), rank=8, repeats=20, warmup=2,
         note="SD2 layout, channels 32/64/128/128"),
     # the README's demo: the bundled tiny prior's architecture at rank 64 (near its width: LoRA folds there)
-    "demo": BenchConfig(unet=replace(tiny.UNET_CFG, in_channels=8), vae=tiny.VAE_CFG, batch=8, latent=(24, 32),
+    "demo": BenchConfig(unet=replace(tiny.UNET_CFG, in_channels=8), vae=tiny.VAE_CFG, batch=8, latent=(12, 16),
                         rank=64, repeats=20, warmup=2, note="the tiny prior, as python train.py --task depth trains it"),
     # DESIGN.md's CPU configuration: the full SD2.1 UNet (depth: 8 input channels) and SD's VAE
     "medium": BenchConfig(unet=replace(SD2_UNET, in_channels=8), vae=VAEConfig(),

@@ -555,6 +555,14 @@ def device_problem(name):
     return None
 
 
+def native_res(meta, sd_default):
+    """HxW a base checkpoint was trained at: tiny.py records it ("diff2flow.res"; the first bundled
+    prior, which did not, was 96x128); an SD file records nothing, so the caller's default holds."""
+    if meta.get("diff2flow.family") == "tiny" or "diff2flow.res" in meta:
+        return parse_hw(meta.get("diff2flow.res", "96x128"))
+    return sd_default
+
+
 def parse_hw(res, flag="--res"):
     """'384x512' -> (384, 512); ValueError naming the flag otherwise."""
     try:

@@ -27,7 +27,8 @@ import data
 import data_t2i
 import depth_eval
 import shards
-from checkpoint import STALE_NAME, STEP_DIR, device_problem, find_checkpoint, load_sd_checkpoint, parse_hw, run_lora, use_tf32
+from checkpoint import (STALE_NAME, STEP_DIR, device_problem, find_checkpoint, load_sd_checkpoint, native_res, parse_hw,
+                        run_lora, use_tf32)
 from diff2flow import Diff2Flow, conditioned, multires_noise
 from lora import bake_lora, companion_path, load_lora, merge_lora, read_metadata
 from unet import widen_input_conv
@@ -208,6 +209,8 @@ def load_lora_run(run=None, ckpt=None, device="cpu"):
         merge_lora(unet, keep_copy=False)
     d2f = Diff2Flow(sd.prediction, meta.get("diff2flow.zero_snr") == "True")
     meta.setdefault("diff2flow.family", sd.family)
+    if "diff2flow.res" in sd.metadata:            # a tiny prior's own size: what its runs default to
+        meta.setdefault("diff2flow.res", sd.metadata["diff2flow.res"])
     for m in (unet, sd.vae, sd.text_encoder):
         if m is not None:
             m.eval().requires_grad_(False).to(device)
@@ -377,51 +380,6 @@ def png_info(prompt, seed, steps, cfg, objective, model):
     return info
 
 
-# ---------------------------------------------------------------------------------------------------
-# Fréchet distance with a pluggable feature extractor
-
-def feature_statistics(feats):
-    """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
-    f = torch.as_tensor(feats, dtype=torch.float64)
-    if f.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
-    return f.mean(0), torch.cov(f.T)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """‖μ1 - μ2‖² + tr(Σ1 + Σ2 - 2(Σ1^½ Σ2 Σ1^½)^½), the Fréchet distance of two Gaussians (FID's formula).
-    The matrix square roots come from symmetric eigendecompositions (no scipy needed)."""
-    def sqrtm_psd(m):
-        w, v = torch.linalg.eigh((m + m.T) / 2)
-        return (v * w.clamp(min=0).sqrt()) @ v.T
-
-    s1h = sqrtm_psd(sigma1)
-    cross = torch.linalg.eigvalsh(s1h @ sigma2 @ s1h).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * cross)
-
-
-def load_feature_extractor(path):
-    """A TorchScript feature extractor, e.g. the Inception network clean-fid and StyleGAN's metrics use
-    (`inception-2015-12-05.pt`; nothing is downloaded here). Returns f(uint8 (N, 3, H, W)) → (N, D)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"feature extractor not found: {path} (give the TorchScript Inception file)")
-    net = torch.jit.load(path, map_location="cpu").eval()
-
-    def features(images):
-        with torch.no_grad():
-            try:
-                return net(images, return_features=True)
-            except (RuntimeError, TypeError):
-                return net(images)
-    return features
-
-
-def fid(features, images_a, images_b, batch=50):
-    """Fréchet distance between two image sets (uint8 (N, 3, H, W)) under a feature extractor."""
-    stats = [feature_statistics(torch.cat([features(x[i:i + batch]) for i in range(0, len(x), batch)])) for x in (images_a, images_b)]
-    return frechet_distance(*stats[0], *stats[1])
-
-
 def list_inputs(path):
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
     if os.path.isdir(path):
@@ -476,7 +434,7 @@ def main(argv=None):
     t2i = p.add_argument_group("text-to-image and reflow pairs")
     t2i.add_argument("--prompt", default="", help="a prompt, or a text file with one prompt per line")
     t2i.add_argument("--cfg", default=PAIR_CFG, type=float, help="classifier-free guidance scale")
-    t2i.add_argument("--res", default=None, help="HxW of the images (default: the run's, else 96x128 tiny / 512x512 SD)")
+    t2i.add_argument("--res", default=None, help="HxW of the images (default: the run's, else its base checkpoint's: 48x64 tiny, 512x512 SD)")
     t2i.add_argument("--save-pairs", default=None, help="write --num reflow pairs to this folder (resumable)")
     t2i.add_argument("--shard-size", default=PAIR_SHARD, type=int, help="pairs per shard file (the unit of resuming)")
     t2i.add_argument("--batch-size", default=16, type=int, help="samples per network call (x2 with CFG)")
@@ -514,12 +472,11 @@ def main_t2i(args):
         torch.cuda.set_device(args.device)
     loaded = load_run(args.run, args.ckpt, args.device)
     loaded.meta.setdefault("diff2flow.base_checkpoint", os.path.basename(args.ckpt or find_checkpoint(None)[0]))
-    tiny = loaded.meta.get("diff2flow.family") == "tiny"
     if args.res:
         hw = parse_hw(args.res)
-    else:
+    else:               # the run's size (train.py records it), else its base checkpoint's, else SD's 512x512
         long_edge = int(loaded.meta.get("diff2flow.res_long_edge", 0))
-        hw = (long_edge, long_edge) if long_edge else ((96, 128) if tiny else (512, 512))
+        hw = native_res(loaded.meta, (long_edge, long_edge) if long_edge else (512, 512))
     factor = 2 ** (len(loaded.vae.cfg.ch_mult) - 1)
     latent_hw = (hw[0] // factor, hw[1] // factor)
     prompts = data_t2i.read_prompts(args.prompt) if args.prompt else [""]
@@ -571,7 +528,7 @@ def main_depth(args, p):
           f"{args.steps} {'DDIM' if objective == 'diffusion' else 'Euler'} steps, ensemble {args.ensemble}; "
           f"alignment in {space} space")
     multiple = pixel_multiple(unet, vae)
-    long_edge = args.processing_res or int(meta.get("diff2flow.res_long_edge", 128 if "tiny" in meta.get("diff2flow.family", "") else 768))
+    long_edge = args.processing_res or int(meta.get("diff2flow.res_long_edge", max(native_res(meta, (768, 768)))))
 
     def predict(rgb):   # (B, 3, H, W) at any size → (B, 1, H, W) at that size
         size = processing_size(*rgb.shape[-2:], long_edge, multiple)
@@ -584,7 +541,7 @@ def main_depth(args, p):
     if args.input:
         items = [(os.path.splitext(os.path.basename(f))[0], read_image(f), None) for f in list_inputs(args.input)]
     else:
-        h, w = (96, 128) if "tiny" in meta.get("diff2flow.family", "") else (384, 512)
+        h, w = native_res(meta, (384, 512))
         heldout = data.RenderedDepthDataset.split("heldout", args.num, h, w)
         items = [(heldout[i]["name"], heldout[i]["rgb"], heldout[i]) for i in range(len(heldout))]
     scores = []
@@ -608,10 +565,9 @@ def main_eval(args, run, loaded):
     """--eval SET|all: the protocol's predictions on each set, per-set metrics and the Table 2 columns beside
     the paper's rows, printed and written next to the run as eval_<label>.md and .json (atomically)."""
     meta, unet, vae = loaded.meta, loaded.unet, loaded.vae
-    tiny = "tiny" in meta.get("diff2flow.family", "")
     norm = meta.get("diff2flow.norm", "log")
     multiple = pixel_multiple(unet, vae)
-    long_edge = args.processing_res or int(meta.get("diff2flow.res_long_edge", 128 if tiny else 512))
+    long_edge = args.processing_res or int(meta.get("diff2flow.res_long_edge", max(native_res(meta, (512, 512)))))
     st = depth_eval.eval_settings(args.protocol, norm, long_edge, multiple, args.steps, args.ensemble, args.align, args.eval_res, args.limit)
     sets = depth_eval.EVAL_SETS if args.eval == "all" else (args.eval,)
     datasets = depth_eval.eval_datasets(sets, args.data_root, args.split)

@@ -32,11 +32,12 @@ REPORT_STEPS, REPORT_ENSEMBLE = 2, 4   # depth's final table: what `python sampl
 # ---------------------------------------------------------------------------------------------------
 # Depth data: rendered scenes or the real sets, encoded to latents once
 
-def parse_res(res, tiny, square=False):
-    """--res, or the task's default: the tiny prior's 96x128, SD's 384x512 (depth) or 512x512 (t2i)."""
-    if res is None:
-        return ((96, 96) if tiny else (512, 512)) if square else ((96, 128) if tiny else (384, 512))
-    return parse_hw(res)
+def parse_res(res, native, square=False):
+    """--res, or the task's default: the size the base checkpoint records (a tiny prior's, see
+    checkpoint.native_res), else SD's 384x512 (depth) or 512x512 (t2i)."""
+    if res is not None:
+        return parse_hw(res)
+    return native or ((512, 512) if square else (384, 512))
 
 
 def depth_sets(args, hw):
@@ -155,7 +156,7 @@ class DepthTask:
     def __init__(self, args, vae, context, d2f, info, device, rank, world, log):
         self.args, self.vae, self.context, self.d2f, self.device = args, vae, context, d2f, device
         self.rank, self.world = rank, world
-        hw = info["res"] = parse_res(args.res, info["tiny"])
+        hw = info["res"] = parse_res(args.res, info["native_res"])
         self.sets, probs, heldout = depth_sets(args, hw)
         self.samples = data.MixedDataset(self.sets, probs, args.seed)     # sample n of the run -> an item
         self.mix = self.samples.mix
@@ -292,7 +293,7 @@ class ImageTask:
         self.args, self.vae, self.text, self.context, self.d2f, self.device = args, vae, text_encoder, context, d2f, device
         self.rank = rank
         if args.task == "t2i":
-            hw = info["res"] = parse_res(args.res, info["tiny"], square=True)
+            hw = info["res"] = parse_res(args.res, info["native_res"], square=True)
             dataset = data_t2i.CaptionFolder(args.data, hw, args.manifest, 0.0, args.seed)
             st = os.stat(info["ckpt"])
             key = data_t2i.digest(os.path.realpath(info["ckpt"]), st.st_size, st.st_mtime_ns, hw, dataset.items)

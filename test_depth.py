@@ -14,7 +14,7 @@ import depth_eval
 import sample
 import tasks
 import train
-from checkpoint import TINY_PRIOR, save_sd_checkpoint
+from checkpoint import TINY_PRIOR, native_res, save_sd_checkpoint
 from unet import UNetConfig, UNetModel, widen_input_conv
 from vae import AutoencoderKL, VAEConfig
 
@@ -45,6 +45,26 @@ def read_log(run):
 
 def no_temp_files(folder):
     return not [f for f in os.listdir(folder) if ".tmp" in f]
+
+
+def test_a_tiny_prior_trains_at_the_size_it_records(tiny_ckpt, tmp_path):
+    """tiny.py records its training size ("diff2flow.res"); runs on it default to that size and record their
+    own, which sample.py then reads. A file without the key (the first bundled prior) means 96x128."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from checkpoint import run_lora
+    from lora import read_metadata
+    with safe_open(tiny_ckpt, "pt") as f:
+        meta = dict(f.metadata() or {})
+    path = str(tmp_path / "sized.safetensors")
+    save_file(load_file(tiny_ckpt), path, metadata={**meta, "diff2flow.res": "16x24"})
+    few = ["--steps", "1", "--train-scenes", "2", "--batch-size", "2", "--lora-rank", "4", "--val-items", "2",
+           "--val-every", "1000", "--report-scenes", "0"]
+    for ckpt, want in ((path, "16x24"), (tiny_ckpt, "96x128")):
+        run = str(tmp_path / ("run_" + want))
+        train.main(["--ckpt", ckpt, "--out", run, *few])
+        assert read_metadata(run_lora(run))["diff2flow.res"] == want
+        assert native_res(sample.load_run(run, ckpt).meta, None) == tuple(int(v) for v in want.split("x"))
 
 
 def test_resume_continues_exactly(tiny_ckpt, tmp_path, capsys):
@@ -173,7 +193,7 @@ def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
                 "--multires-noise", "0.9", "--t-density", "uniform", "--train-scenes", "1000", "--val-steps", "1",
                 "--val-every", "1000", "--report-scenes", "0", "--out", run])
     m, prior = sample.load_run(run, TINY_PRIOR), sample.load_run(None, TINY_PRIOR)
-    heldout = data.RenderedDepthDataset.split("heldout", 256, 96, 128)
+    heldout = data.RenderedDepthDataset.split("heldout", 256, *native_res(m.meta, None))   # the run's size, recorded
     source = float(m.meta["diff2flow.multires_noise"])      # the strength the run recorded
 
     def score(loaded, unet):   # one Euler step from the same noise: the model's E[depth | image]

@@ -230,3 +230,75 @@ def test_missing_sets_and_files_are_named(tiny_ckpt, tiny_run, tmp_path):
     os.remove(root / "nyu" / data.LAYOUTS["nyu"][0].format(i=0, g=0, s="test"))     # an image the split lists
     with pytest.raises(FileNotFoundError, match="missing file: .*rgb_0000.png"):
         sample.main(["--run", tiny_run, "--ckpt", tiny_ckpt, "--eval", "nyu", "--data-root", str(root / "nyu"), "--steps", "1"])
+
+
+# --- fd.py: the Fréchet distance in closed form, FID with a TorchScript net, the shipped scene features ----
+
+def test_frechet_distance_closed_form():
+    import fd
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=g))
+    a, b = torch.rand(6, dtype=torch.float64, generator=g) + 0.1, torch.rand(6, dtype=torch.float64, generator=g) + 0.1
+    mu1, mu2 = torch.randn(6, dtype=torch.float64, generator=g), torch.randn(6, dtype=torch.float64, generator=g)
+    s1, s2 = q @ torch.diag(a) @ q.T, q @ torch.diag(b) @ q.T      # commuting: the root is elementwise
+    closed = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
+    assert abs(fd.frechet_distance(mu1, s1, mu2, s2) - closed) < 1e-10
+    assert abs(fd.frechet_distance(mu1, s1, mu1, s1)) < 1e-10
+    # 2x2, not commuting: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2 (positive eigenvalues)
+    c = torch.tensor([[2.0, 0.7], [0.7, 1.0]], dtype=torch.float64)
+    d = torch.tensor([[0.5, -0.3], [-0.3, 3.0]], dtype=torch.float64)
+    tr_sqrt = math.sqrt((c @ d).trace().item() + 2 * math.sqrt(torch.linalg.det(c @ d).item()))
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert fd.frechet_distance(zero, c, zero, d) == pytest.approx((c.trace() + d.trace()).item() - 2 * tr_sqrt, rel=1e-9)
+    # from Gaussian features: sample statistics of 200k draws give the same number; a shift by v adds |v|^2
+    z1 = torch.randn(200_000, 6, dtype=torch.float64, generator=g) * a.sqrt() @ q.T + mu1
+    z2 = torch.randn(200_000, 6, dtype=torch.float64, generator=g) * b.sqrt() @ q.T + mu2
+    assert abs(fd.fd_between(z1, z2) - closed) < 0.02 * closed
+    v = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 3.0], dtype=torch.float64)
+    assert fd.fd_between(z1[:500], z1[:500] + v) == pytest.approx(float(v.square().sum()), rel=1e-6)
+
+
+def test_fid_with_a_torchscript_extractor(tmp_path):
+    import fd
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)))
+    net.save(str(tmp_path / "feat.pt"))
+    features = fd.load_feature_extractor(str(tmp_path / "feat.pt"))
+    x = torch.randint(0, 256, (40, 3, 8, 8)).float()
+    assert abs(fd.fid(features, x, x)) < 1e-6 and fd.fid(features, x, x.flip(0) * 0.5) > 0.1
+    with pytest.raises(FileNotFoundError, match="feature extractor not found"):
+        fd.load_feature_extractor(str(tmp_path / "inception.pt"))
+
+
+def test_shipped_scene_features_see_geometry_and_colour():
+    """The bundled feature net (fd.py) puts two disjoint sets of held-out scenes close together, and the
+    same scenes far away once blurred (what a washed-out sampler makes) or re-lit (results.py's shift)."""
+    import fd
+    net = fd.load_features()
+    a = data.RenderedDepthDataset.split("heldout", 512, *fd.HW, cache=False)
+    b = data.RenderedDepthDataset(2_000_000, 512, *fd.HW, cache=False)     # seeds neither split uses
+    xa, xb = (torch.stack([ds[i]["rgb"] for i in range(len(ds))]) for ds in (a, b))
+    fa = fd.image_features(net, xa)
+    floor = fd.fd_between(fa, fd.image_features(net, xb))
+    blurred = torch.nn.functional.avg_pool2d(xb, 3, 1, 1, count_include_pad=False)
+    relit = xb * torch.tensor([0.7, 0.7, 0.9]).view(3, 1, 1) - 0.2
+    fd_blur, fd_relit = fd.fd_between(fa, fd.image_features(net, blurred)), fd.fd_between(fa, fd.image_features(net, relit))
+    print(f"FD of 512 scenes to 512 others {floor:.2f}, blurred {fd_blur:.2f}, re-lit {fd_relit:.2f}")
+    assert fd_blur > 2 * floor and fd_relit > 2 * floor      # measured: 5.5, 11.9, 23.8
+    # a 96x128 render of the same scenes reads like the 48x64 one (the net resizes its input)
+    big = data.RenderedDepthDataset(2_000_000, 64, 96, 128, cache=False)
+    fbig = fd.image_features(net, torch.stack([big[i]["rgb"] for i in range(64)]))
+    assert (fbig - fd.image_features(net, xb[:64])).norm(dim=1).mean() < 0.5 * (fa[:64] - fa[64:128]).norm(dim=1).mean()
+
+
+def test_mirror_targets_are_the_targets_of_the_mirrored_image():
+    """fd.py trains on mirrored scenes too: their layout targets must be those of the flipped image."""
+    import fd
+    ds = data.RenderedDepthDataset.split("heldout", 4, *fd.HW, cache=False)
+    rgb8 = torch.stack([((ds[i]["rgb"] + 1) * 127.5).round().to(torch.uint8) for i in range(4)])
+    dnorm = data.normalize_depth(torch.stack([ds[i]["depth"] for i in range(4)]),
+                                 torch.stack([ds[i]["valid"] for i in range(4)]))[0]
+    seeds = range(data.HELDOUT_SEED0, data.HELDOUT_SEED0 + 4)
+    y, y_flipped = fd.scene_targets(rgb8, dnorm, seeds), fd.scene_targets(rgb8.flip(-1), dnorm.flip(-1), seeds)
+    m = fd.mirror_targets(y)
+    assert torch.allclose(m[:, :96], y_flipped[:, :96], atol=1e-5) and not torch.allclose(y[:, :96], y_flipped[:, :96])
+    assert torch.equal(m[:, fd.ROLL], -y[:, fd.ROLL]) and (y[:, fd.ROLL] != 0).all()

@@ -1,4 +1,4 @@
-"""Tests of text-to-image and reflow: caption data, pair shards, Fréchet distance, t2i sampling, reflow."""
+"""Tests of text-to-image and reflow: caption data, pair shards, t2i sampling, reflow."""
 import glob
 import json
 import math
@@ -82,32 +82,6 @@ def test_bad_caption_input(caption_folder, tmp_path):
         data_t2i.read_prompts(str(tmp_path / "prompts.txt"))
     with pytest.raises(SystemExit):
         train.parse_args(["--task", "t2i"])          # no --data
-
-
-def test_frechet_distance_closed_form():
-    g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=g))
-    a, b = torch.rand(6, dtype=torch.float64, generator=g) + 0.1, torch.rand(6, dtype=torch.float64, generator=g) + 0.1
-    mu1, mu2 = torch.randn(6, dtype=torch.float64, generator=g), torch.randn(6, dtype=torch.float64, generator=g)
-    s1, s2 = q @ torch.diag(a) @ q.T, q @ torch.diag(b) @ q.T      # commuting: the root is elementwise
-    closed = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
-    assert abs(sample.frechet_distance(mu1, s1, mu2, s2) - closed) < 1e-10
-    assert abs(sample.frechet_distance(mu1, s1, mu1, s1)) < 1e-10
-    # from Gaussian features: sample statistics of 200k draws give the same number
-    z1 = torch.randn(200_000, 6, dtype=torch.float64, generator=g) * a.sqrt() @ q.T + mu1
-    z2 = torch.randn(200_000, 6, dtype=torch.float64, generator=g) * b.sqrt() @ q.T + mu2
-    est = sample.frechet_distance(*sample.feature_statistics(z1), *sample.feature_statistics(z2))
-    assert abs(est - closed) < 0.02 * closed
-
-
-def test_fid_with_a_torchscript_extractor(tmp_path):
-    net = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)))
-    net.save(str(tmp_path / "feat.pt"))
-    features = sample.load_feature_extractor(str(tmp_path / "feat.pt"))
-    x = torch.randint(0, 256, (40, 3, 8, 8)).float()
-    assert abs(sample.fid(features, x, x)) < 1e-6 and sample.fid(features, x, x.flip(0) * 0.5) > 0.1
-    with pytest.raises(FileNotFoundError, match="feature extractor not found"):
-        sample.load_feature_extractor(str(tmp_path / "inception.pt"))
 
 
 PAIR_CMD = ["--task", "t2i", "--num", "10", "--shard-size", "4", "--steps", "2", "--res", "16x16", "--prompt", "a test prompt"]

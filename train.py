@@ -29,7 +29,7 @@ import data_t2i
 import sample
 from tasks import REPORT_ENSEMBLE, REPORT_STEPS, VAL_SCENES, DepthTask, ImageTask, sample_numbers
 from checkpoint import (RUN_LORA, RUN_STATE, commit_checkpoint, device_problem, find_checkpoint, latest_checkpoint,
-                        load_sd_checkpoint, parse_hw, tidy_run, use_tf32)
+                        load_sd_checkpoint, native_res, parse_hw, tidy_run, use_tf32)
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned
 from lora import (CONV_IN, CONV_OUT, PAPER_TRAINED, bake_lora, companion_path, inject_lora, load_lora, lora_metadata,
                   lora_rank, parse_targets, read_metadata, save_lora)
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA, fp32 on CPU (measured faster there)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes to compile; worth it on a GPU)")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--res", default=None, help="training resolution HxW (default: 96x128 tiny, 384x512 SD)")
+    p.add_argument("--res", default=None, help="training resolution HxW (default: the tiny prior's own, 48x64; 384x512 SD)")
     p.add_argument("--hypersim", default=None, help="Hypersim root as Marigold preprocesses it")
     p.add_argument("--hypersim-split", default=None, help="its split file (default ROOT/filename_list_train.txt)")
     p.add_argument("--vkitti", default=None, help="Virtual KITTI 2 root")
@@ -250,7 +250,8 @@ def build(args, log=print):
     if tiny and args.lora_rank != 0 and isinstance(args.lora_rank, int) and args.lora_rank >= unet.cfg.model_channels:
         log(f"note: rank {args.lora_rank} is at or above the tiny UNet's width ({unet.cfg.model_channels}-"
             f"{unet.cfg.model_channels * max(unet.cfg.channel_mult)} channels): close to full rank here")
-    info = dict(ckpt=ckpt_path, tiny=tiny, family=sd.family, prediction=prediction, zero_snr=d2f.zero_snr, metadata=metadata)
+    info = dict(ckpt=ckpt_path, tiny=tiny, family=sd.family, prediction=prediction, zero_snr=d2f.zero_snr, metadata=metadata,
+                native_res=native_res({**sd.metadata, "diff2flow.family": sd.family}, None))
     return unet, vae, text_encoder, context, d2f, info
 
 
@@ -319,7 +320,7 @@ def save_run(out, unet, opt, ema, step, args, info):
                    "diff2flow.multires_noise": str(args.multires_noise),
                    "diff2flow.t_density": args.t_density, "diff2flow.lora_targets": str(args.lora_targets),
                    "diff2flow.ema": str(args.ema), "diff2flow.family": info["family"], "diff2flow.step": str(step),
-                   "diff2flow.res_long_edge": str(max(info["res"]))},
+                   "diff2flow.res": "{}x{}".format(*info["res"]), "diff2flow.res_long_edge": str(max(info["res"]))},
                 **info.get("metadata", {}))                     # e.g. the --init-lora a reflow started from
 
     def write(folder):
