@@ -1,19 +1,24 @@
 """
 Regenerate the README's results on the bundled tiny prior: the paper's claims in miniature, on a CPU.
 
-    python results.py                  # about 45 minutes on 2 CPU cores; run it again to continue
-    python results.py --part depth     # one part: alignment | depth | reflow
+    python results.py                  # about 2 hours on 2 CPU cores; run it again to continue
+    python results.py --part depth     # one part: alignment | transfer | depth | shift | reflow
 
 Finished runs are kept under results/runs/ and skipped; an interrupted one resumes from its last
 checkpoint. Everything lands in results/: one JSON per part, the figures, and RESULTS.md with the
 tables the README shows.
   1. alignment: the untouched prior through Diff2Flow's Euler sampler against DDIM on its own trailing
      grid, from the same noise (close), against naive FM (far); with and without the zero-SNR rescale.
-  2. depth: LoRA of rank 4 (small against the UNet's 32-64 channels) and full finetuning, equal
+  2. transfer: does the prior know anything? The demo's depth finetuning from the prior and from the same
+     architecture with random weights (same VAE, same file layout), equal steps, 3 seeds each.
+  3. depth: LoRA of rank 4 (small against the UNet's 32-64 channels) and full finetuning, equal
      steps, for the three objectives (3 seeds for LoRA), held-out AbsRel/δ1 against training steps
-     (the paper's Fig. 8 in miniature), and an ablation: Diff2Flow's changes added to `diffusion` one
+     (the paper's Fig. 8b in miniature), and an ablation: Diff2Flow's changes added to `diffusion` one
      at a time.
-  3. reflow: 2-step samples before and after reflow on held-out noise (see sample.py --save-pairs).
+  4. shift: the paper's Fig. 5 in miniature. LoRA-finetune the prior towards scenes under another light
+     (dusk: warmer, darker) with each objective, 3 seeds, and follow the Fréchet distance (fd.py) of its
+     samples to held-out dusk scenes against steps.
+  5. reflow: 2-step samples before and after reflow on held-out noise (see sample.py --save-pairs).
 """
 import argparse
 import json
@@ -24,7 +29,8 @@ import torch
 
 import tasks
 import train
-from checkpoint import TINY_PRIOR
+from checkpoint import TINY_PRIOR, native_res
+from lora import read_metadata
 
 OUT = "results"
 RUNS = os.path.join(OUT, "runs")
@@ -33,6 +39,12 @@ OBJECTIVE_NAMES = ("diffusion", "fm", "diff2flow")
 # Diff2Flow = diffusion + these (DESIGN.md); each added alone to `diffusion` (1 seed each)
 ABLATION = {"+ zero-SNR end": ["--zero-snr", "1"], "+ continuous τ": ["--diffusion-changes", "continuous"],
             "+ timestep density": ["--diffusion-changes", "density"], "+ loss weight": ["--diffusion-changes", "weight"]}
+
+
+def prior_hw(latent=False):
+    """The bundled prior's image size (tiny.py records it), or its latent size (the VAE downsamples 4x)."""
+    h, w = native_res(read_metadata(TINY_PRIOR), None)
+    return (h // 4, w // 4) if latent else (h, w)
 
 
 def save_json(obj, name):
@@ -56,7 +68,7 @@ def alignment(n=32, step_counts=(4, 10, 50)):
     unet, vae = sd.unet, sd.vae
     model = conditioned(unet, sd.empty_context().expand(n, -1, -1))
     c = unet.cfg.in_channels
-    h, w = 96 // 4, 128 // 4
+    h, w = prior_hw(latent=True)
     noise = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(0))
     other = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(1))
     decode = lambda z: vae.decode(z).clamp(-1, 1)
@@ -82,7 +94,53 @@ def alignment(n=32, step_counts=(4, 10, 50)):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. Depth under limited capacity
+# 2. Transfer: the prior against the same UNet with random weights
+
+TRANSFER_SEEDS = (0, 1, 2)
+
+
+def random_unet_checkpoint(path, seed=0):
+    """The prior's file with its UNet drawn afresh (unet.py's initialisation): the same architecture, VAE,
+    empty-prompt embedding and loader path, nothing learned."""
+    from checkpoint import load_sd_checkpoint, save_sd_checkpoint
+    from unet import UNetModel
+    if not os.path.exists(path):
+        sd = load_sd_checkpoint(TINY_PRIOR)
+        torch.manual_seed(seed)
+        meta = dict(sd.metadata, **{"diff2flow.tiny.unet": f"random: UNetModel(cfg) after torch.manual_seed({seed})"})
+        save_sd_checkpoint(path, UNetModel(sd.unet.cfg), sd.vae, empty_context=sd.empty_context(), metadata=meta)
+    return path
+
+
+def final_report(name):
+    """The run's last 256-scene report (sample.py's protocol), and the step-0 one (the untouched model)."""
+    reports = [r for r in read_log(os.path.join(RUNS, name)) if r["kind"] == "report"]
+    return reports[0], reports[-1]
+
+
+def transfer():
+    """The demo (python train.py --task depth --lora-rank 64) from the prior and from random weights."""
+    random_ckpt = random_unet_checkpoint(os.path.join(OUT, "random_unet.safetensors"))
+    res = {}
+    for init, ckpt in (("prior", TINY_PRIOR), ("random", random_ckpt)):
+        for seed in TRANSFER_SEEDS:
+            name = f"transfer-{init}-s{seed}"
+            run_once(name, ["--ckpt", ckpt, "--task", "depth", "--lora-rank", "64", "--seed", str(seed)], None)
+            start, end = final_report(name)
+            res[name] = dict(start=start, end=end)
+    # the method as written (white noise, uniform t) instead of the demo's two tiny-prior defaults, one seed
+    run_once("transfer-aswritten-s0", ["--ckpt", TINY_PRIOR, "--task", "depth", "--lora-rank", "64", "--seed", "0",
+                                       "--multires-noise", "0", "--t-density", "uniform"], None)
+    start, end = final_report("transfer-aswritten-s0")
+    res["transfer-aswritten-s0"] = dict(start=start, end=end)
+    trivial = next(r for r in read_log(os.path.join(RUNS, "transfer-prior-s0")) if r["kind"] == "report_trivial")
+    res["trivial"] = dict(abs_rel=trivial["abs_rel"], delta1=trivial["delta1"])
+    save_json(res, "transfer.json")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Depth under limited capacity
 
 def depth_runs(steps):
     """name → train.py arguments. Equal steps everywhere; validation 4 times a run."""
@@ -112,8 +170,11 @@ def read_log(run):
 def run_once(name, args, steps):
     """Train one configuration unless it already finished; resume it if it was interrupted."""
     out = os.path.join(RUNS, name)
-    done = [r for r in read_log(out) if r["kind"] == "val" and r["step"] == steps]
-    if done:
+    log = read_log(out)
+    if steps is None:   # a run of train.py's default length: finished once its final table is written
+        if any(r["kind"] == "report" and r["step"] > 0 for r in log):
+            return
+    elif any(r["kind"] == "val" and r["step"] == steps for r in log):
         return
     resume = train.latest_checkpoint(out) is not None
     print(f"\n=== {name} ({'resuming' if resume else 'new'}) ===")
@@ -143,7 +204,7 @@ def sampler_grid_ablation(run_dirs):
     out = {}
     for run in run_dirs:
         m = sample.load_run(run, TINY_PRIOR)
-        heldout = data.RenderedDepthDataset.split("heldout", tasks.VAL_SCENES, 96, 128)
+        heldout = data.RenderedDepthDataset.split("heldout", tasks.VAL_SCENES, *prior_hw())
         out[os.path.basename(run)] = sample.evaluate_heldout(m.unet, m.vae, m.d2f, m.context, heldout, "diff2flow", 4)
     return out
 
@@ -174,7 +235,133 @@ def plot_depth(res):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Reflow
+# 4. A shifted distribution: FD against steps (Fig. 5)
+
+SHIFT_TRAIN, SHIFT_EVAL, SHIFT_SAMPLES, SHIFT_SAMPLE_STEPS = 2000, 1024, 512, 20
+SHIFT_SEED0 = 500_000      # scenes the prior never saw (it trained on seeds 0..19,999)
+
+
+def dusk(rgb):
+    """The shifted light: warmer and darker, on [-1, 1] images (a fixed colour map, so a model must
+    change every colour it makes, while the geometry stays that of the prior's scenes)."""
+    x = (rgb + 1) / 2
+    x = x ** 1.4 * torch.tensor([1.0, 0.72, 0.5], dtype=x.dtype).view(3, 1, 1) + torch.tensor([0.06, 0.02, 0.0]).view(3, 1, 1)
+    return (x.clamp(0, 1) * 2 - 1)
+
+
+def write_dusk_folder(folder, n):
+    """n dusk scenes as a caption folder (PNG + empty caption): what train.py --task t2i reads."""
+    import data
+    if os.path.exists(os.path.join(folder, "done")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    ds = data.RenderedDepthDataset(SHIFT_SEED0, n, *prior_hw(), cache=False)
+    for i in range(n):
+        rgb = dusk(ds[i]["rgb"])
+        data.save_image(os.path.join(folder, f"{i:05d}.png"), ((rgb.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+        open(os.path.join(folder, f"{i:05d}.txt"), "w").close()
+    open(os.path.join(folder, "done"), "w").close()
+    return folder
+
+
+def dusk_images(seed0, n):
+    import data
+    ds = data.RenderedDepthDataset(seed0, n, *prior_hw(), cache=False)
+    return torch.stack([dusk(ds[i]["rgb"]) for i in range(n)])
+
+
+@torch.no_grad()
+def sample_features(net, loaded, objective):
+    """fd.py features of SHIFT_SAMPLES samples (fixed noise, each objective's own sampler), and the images."""
+    import fd
+    import sample
+    noise = torch.randn(SHIFT_SAMPLES, 4, *prior_hw(latent=True), generator=torch.Generator().manual_seed(777))
+    ctx = loaded.context.expand(SHIFT_SAMPLES, -1, -1)
+    lat = sample.generate(loaded.unet, loaded.d2f, ctx, noise, SHIFT_SAMPLE_STEPS, objective, batch=128)
+    images = sample.decode(loaded.vae, lat, batch=128)
+    return fd.image_features(net, images), images
+
+
+def shift(steps):
+    """LoRA rank 4 towards dusk scenes, each objective, 3 seeds; FD to held-out dusk scenes at 0, 1/8, 1/4,
+    1/2 and all of `steps`. Step 0 is the prior read through each objective's own sampler."""
+    import data
+    import fd
+    import sample
+    from diff2flow import Diff2Flow
+    net = fd.load_features()
+    folder = write_dusk_folder(os.path.join(OUT, "dusk"), SHIFT_TRAIN)
+    held = dusk_images(data.HELDOUT_SEED0, SHIFT_EVAL)
+    target = fd.image_features(net, held)
+    # the floor: dusk training scenes, as many as the samples, against the same held-out ones
+    floor = fd.fd_between(fd.image_features(net, dusk_images(SHIFT_SEED0, SHIFT_SAMPLES)), target)
+    res = dict(steps=steps, curves={}, floor=floor)
+    prior = sample.load_run(None, TINY_PRIOR)
+    feats, _ = sample_features(net, prior, "diffusion")
+    res["prior_to_dusk"] = fd.fd_between(feats, target)
+    rows = [held[:8]]
+    marks = [steps // 8, steps // 4, steps // 2, steps]
+    for obj in OBJECTIVE_NAMES:
+        # step 0: the untouched prior on the maps its runs use (train.py: zero-SNR end for diff2flow on v-models)
+        maps = Diff2Flow(prior.d2f.prediction, obj == "diff2flow" and prior.d2f.prediction == "v")
+        untouched = sample.Loaded(prior.unet, prior.vae, None, maps, prior.context, obj, prior.meta)
+        f0, images0 = sample_features(net, untouched, obj)
+        for seed in LORA_SEEDS:
+            name = f"shift-{obj}-s{seed}"
+            path = os.path.join(OUT, f"{name}.json")
+            curve = json.load(open(path)) if os.path.exists(path) else [[0, fd.fd_between(f0, target)]]
+            for k in marks:
+                if any(s == k for s, _ in curve):
+                    continue
+                resume = train.latest_checkpoint(os.path.join(RUNS, name)) is not None
+                train.main(["--out", os.path.join(RUNS, name), "--task", "t2i", "--data", folder, "--objective", obj,
+                            "--lora-rank", "4", "--seed", str(seed), "--steps", str(steps), "--stop-at", str(k),
+                            "--save-every", str(steps), "--val-every", str(steps), *(["--resume"] if resume else [])])
+                feats, images = sample_features(net, sample.load_run(os.path.join(RUNS, name), TINY_PRIOR), obj)
+                curve.append([k, fd.fd_between(feats, target)])
+                print(f"{name} step {k}: FD to dusk {curve[-1][1]:.3f}")
+                save_json(curve, f"{name}.json")
+            res["curves"][name] = curve
+        _, images = sample_features(net, sample.load_run(os.path.join(RUNS, f"shift-{obj}-s0"), TINY_PRIOR), obj)
+        rows += [images0[:8], images[:8]]
+    save_grid(os.path.join(OUT, "shift_samples.png"), rows)
+    save_json(res, "shift.json")
+    plot_shift(res)
+    return res
+
+
+def save_grid(path, rows):
+    """Rows of (3, h, w) images in [-1, 1] as one PNG."""
+    from sample import save_png
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    save_png(path, ((grid.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+
+
+def plot_shift(res):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = dict(diffusion="tab:blue", fm="tab:orange", diff2flow="tab:green")
+    for obj in OBJECTIVE_NAMES:
+        curves = np.array([res["curves"][f"shift-{obj}-s{s}"] for s in LORA_SEEDS])   # (seeds, points, 2)
+        steps, vals = curves[0, :, 0], curves[:, :, 1]
+        ax.plot(steps, vals.mean(0), "o-", color=colors[obj], label=obj)
+        ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[obj], alpha=0.2)
+    ax.axhline(res["floor"], color="gray", ls="--", label="dusk training scenes (floor)")
+    ax.set_yscale("log")
+    ax.set_xlabel("LoRA finetuning steps")
+    ax.set_ylabel("FD to held-out dusk scenes ↓")
+    ax.set_title("towards a shifted distribution (3 seeds: mean, min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, "shift.png"), dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Reflow
 
 REFLOW_PAIRS, REFLOW_MANY = 512, 40
 
@@ -185,11 +372,11 @@ def reflow(steps):
     import sample
     folder, run = os.path.join(OUT, "pairs"), os.path.join(RUNS, "reflow")
     prior = sample.load_run(None, TINY_PRIOR)
-    sample.save_pairs(prior, folder, [""], REFLOW_PAIRS, steps=REFLOW_MANY, cfg=1.0, shard_size=64, latent_hw=(24, 32))
+    sample.save_pairs(prior, folder, [""], REFLOW_PAIRS, steps=REFLOW_MANY, cfg=1.0, shard_size=64, latent_hw=prior_hw(latent=True))
     run_once("reflow", ["--task", "reflow", "--pairs", folder, "--lora-rank", "0", "--lr", "1e-4", "--steps", str(steps),
                         "--val-steps", "2", "--save-every", str(steps), "--batch-size", "16"], steps)
     after = sample.load_run(run, TINY_PRIOR)
-    noise = torch.randn(64, 4, 24, 32, generator=torch.Generator().manual_seed(123456))   # held out
+    noise = torch.randn(64, 4, *prior_hw(latent=True), generator=torch.Generator().manual_seed(123456))   # held out
     ctx = prior.context.expand(64, -1, -1)
     res = {}
     for name, m in (("before", prior), ("after", after)):
@@ -203,14 +390,34 @@ def reflow(steps):
 
 # ---------------------------------------------------------------------------------------------------
 
-def markdown(alignment_rows=None, depth_res=None, reflow_res=None):
+def markdown(alignment_rows=None, transfer_res=None, depth_res=None, shift_res=None, reflow_res=None):
     lines = []
+    pm = lambda a: f"{np.mean(a):.3f} ± {np.std(a):.3f}"   # mean ± std over seeds
     if alignment_rows:
         lines += ["| steps | Diff2Flow Euler | Diff2Flow Euler, zero-SNR | naive FM | DDIM from other noise |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['steps']} | {r['d2f']:.4f} | {r['d2f_zero_snr']:.4f} | {r['naive_fm']:.4f} | {r['unrelated']:.4f} |"
                   for r in alignment_rows]
         lines.append("")
+    if transfer_res:
+        lines += ["| demo finetuning (3 seeds) from | AbsRel ↓ before | δ1 ↑ before | AbsRel ↓ after | δ1 ↑ after |",
+                  "|---|---|---|---|---|"]
+        for init, label in (("prior", "the tiny prior"), ("random", "random weights, same architecture")):
+            runs = [v for k, v in transfer_res.items() if k.startswith(f"transfer-{init}-")]
+            cols = [pm([r[when][m] for r in runs]) for when in ("start", "end") for m in ("abs_rel", "delta1")]
+            lines.append(f"| {label} | " + " | ".join(cols) + " |")
+        r = transfer_res["transfer-aswritten-s0"]
+        lines.append(f"| the tiny prior, white noise and uniform t (seed 0) | {r['start']['abs_rel']:.3f} | {r['start']['delta1']:.3f} "
+                     f"| {r['end']['abs_rel']:.3f} | {r['end']['delta1']:.3f} |")
+        t = transfer_res["trivial"]
+        lines += [f"| mean training depth map | | | {t['abs_rel']:.3f} | {t['delta1']:.3f} |", ""]
+    if shift_res:
+        marks = [k for k, _ in shift_res["curves"][f"shift-diffusion-s{LORA_SEEDS[0]}"]]
+        lines += ["| objective | " + " | ".join(f"FD at step {k}" for k in marks) + " |", "|---" * (len(marks) + 1) + "|"]
+        for obj in OBJECTIVE_NAMES:
+            vals = np.array([[v for _, v in shift_res["curves"][f"shift-{obj}-s{s}"]] for s in LORA_SEEDS])
+            lines.append(f"| {obj} | " + " | ".join(pm(vals[:, j]) for j in range(len(marks))) + " |")
+        lines += [f"| dusk training scenes (floor) | {shift_res['floor']:.3f} |", ""]
     if depth_res:
         def final(name):
             c = depth_res["curves"][name]
@@ -243,18 +450,19 @@ def markdown(alignment_rows=None, depth_res=None, reflow_res=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", default="all", choices=["all", "alignment", "depth", "reflow"])
+    p.add_argument("--part", default="all", choices=["all", "alignment", "transfer", "depth", "shift", "reflow"])
     p.add_argument("--steps", default=500, type=int, help="training steps of each depth run")
+    p.add_argument("--shift-steps", default=400, type=int, help="training steps of each shift run")
     p.add_argument("--reflow-steps", default=400, type=int, help="training steps of the reflow run")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    parts = dict(alignment=("alignment_rows", alignment), transfer=("transfer_res", transfer),
+                 depth=("depth_res", lambda: depth(args.steps)), shift=("shift_res", lambda: shift(args.shift_steps)),
+                 reflow=("reflow_res", lambda: reflow(args.reflow_steps)))
     found = {}
-    if args.part in ("all", "alignment"):
-        found["alignment_rows"] = alignment()
-    if args.part in ("all", "depth"):
-        found["depth_res"] = depth(args.steps)
-    if args.part in ("all", "reflow"):
-        found["reflow_res"] = reflow(args.reflow_steps)
+    for name, (key, run) in parts.items():
+        if args.part in ("all", name):
+            found[key] = run()
     with open(os.path.join(OUT, "RESULTS.md"), "w") as f:
         f.write(markdown(**found))
     print(markdown(**found))

@@ -11,10 +11,12 @@ exact layout and conventions, only narrower, so everything downstream runs the s
   - an SD2-like UNet (linear proj_in, channels per head), v-prediction on SD's schedule without the
     zero-SNR rescale (SD 2.1's own training), unconditional: the cross-attention always sees one fixed
     "empty prompt" embedding, stored in the file in place of a text encoder;
+  - its samples scored by a Fréchet distance to held-out scenes in fd.py's feature space;
   - written as one single-file checkpoint (model.diffusion_model.*, first_stage_model.*,
     empty_context) by checkpoint.save_sd_checkpoint, then loaded back and checked.
 
-    python tiny.py                                        # ~1 hour on 2 CPU cores
+    python tiny.py --threads 1                            # ~1.5 hours on one core (VAE 30 min, UNet 1 hour)
+    python tiny.py --threads 1 --vae-from OLD.safetensors # the bundled file: the VAE of the first prior, a new UNet
     python tiny.py --scenes 64 --vae-steps 10 --unet-steps 10 --out runs/smoke/tiny.safetensors --work runs/smoke
 
 Every stage keeps its result in --work (renders, VAE, latents, UNet with EMA and optimizer state), so a
@@ -55,15 +57,22 @@ def parse_args(argv=None):
     p.add_argument("--out", default="assets/tiny_prior.safetensors", help="the checkpoint to write")
     p.add_argument("--work", default="runs/tiny", help="folder for renders and resumable stage checkpoints")
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--scenes", default=6000, type=int, help="training scenes (train split seeds 0..n-1)")
+    p.add_argument("--scenes", default=20000, type=int, help="training scenes (train split seeds 0..n-1)")
     p.add_argument("--eval-scenes", default=64, type=int, help="held-out scenes for the reconstruction numbers")
-    p.add_argument("--res", default="96x128", help="HxW of the rendered scenes")
-    p.add_argument("--vae-steps", default=1400, type=int)
-    p.add_argument("--vae-batch", default=32, type=int, help="half RGB, half depth crops")
-    p.add_argument("--vae-crop", default=64, type=int, help="square training crops (the VAE is convolutional)")
+    p.add_argument("--res", default="48x64", help="HxW of the rendered scenes")
+    p.add_argument("--vae-from", default=None, help="take the (latent-scaled) autoencoder of this single-file "
+                   "checkpoint instead of training one; the VAE stage is then skipped")
+    p.add_argument("--vae-steps", default=2000, type=int)
+    p.add_argument("--vae-batch", default=32, type=int, help="RGB and depth crops")
+    p.add_argument("--vae-rgb", default=0.75, type=float, help="share of RGB crops in a VAE batch (the rest depth; "
+                   "at 0.5 the first prior's VAE had dropped colour from its latents)")
+    p.add_argument("--vae-crop", default=48, type=int, help="square training crops (the VAE is convolutional)")
     p.add_argument("--vae-lr", default=1e-3, type=float)
     p.add_argument("--kl-weight", default=1e-6, type=float, help="LDM's KL weight, relative to a per-pixel summed L1")
-    p.add_argument("--unet-steps", default=5000, type=int)
+    p.add_argument("--decoder-steps", default=0, type=int, help="with --vae-from: finetune its decoder only "
+                   "(the latent space stays) for this many steps")
+    p.add_argument("--decoder-lr", default=5e-4, type=float)
+    p.add_argument("--unet-steps", default=10000, type=int)
     p.add_argument("--unet-stop", default=None, type=int, help="end the UNet stage after this step (the LR "
                    "schedule still spans --unet-steps) and write the checkpoint from its EMA weights")
     p.add_argument("--unet-batch", default=32, type=int)
@@ -136,14 +145,15 @@ def to_float(rgb8):
 
 # ----------------------------------------------------------------------------- 2. the autoencoder
 
-def vae_batch(scenes, batch, crop):
-    """Half RGB, half depth (normalised, repeated to 3 channels): random crops, random left-right flips."""
+def vae_batch(scenes, batch, crop, rgb_share=0.5):
+    """RGB and depth (normalised, repeated to 3 channels), rgb_share of the batch RGB: random crops,
+    random left-right flips."""
     N, _, H, W = scenes["rgb"].shape
     idx = torch.randint(0, N, (batch,))
     ys, xs = torch.randint(0, H - crop + 1, (batch,)), torch.randint(0, W - crop + 1, (batch,))
     out = []
     for k, (i, y, x) in enumerate(zip(idx.tolist(), ys.tolist(), xs.tolist())):
-        if k < batch // 2:
+        if k < round(batch * rgb_share):
             img = to_float(scenes["rgb"][i, :, y:y + crop, x:x + crop])
         else:
             img = scenes["dnorm"][i, :, y:y + crop, x:x + crop].float().expand(3, -1, -1)
@@ -164,7 +174,7 @@ def vae_loss(vae, x, kl_weight):
 def train_vae(args, scenes, work):
     path = os.path.join(work, "vae.pt")
     key = dict(cfg=asdict(VAE_CFG), steps=args.vae_steps, batch=args.vae_batch, crop=args.vae_crop, lr=args.vae_lr,
-               kl=args.kl_weight, seed=args.seed, scenes=args.scenes)
+               kl=args.kl_weight, seed=args.seed, scenes=args.scenes, rgb=args.vae_rgb)
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(VAE_CFG)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -180,7 +190,7 @@ def train_vae(args, scenes, work):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, args.warmup)
-        loss, rec, kl = vae_loss(vae, vae_batch(scenes, args.vae_batch, args.vae_crop), args.kl_weight)
+        loss, rec, kl = vae_loss(vae, vae_batch(scenes, args.vae_batch, args.vae_crop, args.vae_rgb), args.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -198,6 +208,52 @@ def train_vae(args, scenes, work):
     else:
         elapsed = time.time() - t0
     return vae.eval(), elapsed, log
+
+
+def finetune_decoder(args, vae, scenes, work):
+    """Train only post_quant_conv and the decoder, as Stability did for SD's ft-EMA/ft-MSE decoders: the
+    encoder, and so the latent space and any UNet trained on it, stay as they are, while colours and
+    detail come back sharper. Three quarters of each batch RGB (the first VAE's decoder washed colours
+    out), the rest depth; L1 + MSE on decoded posterior samples."""
+    path = os.path.join(work, "decoder.pt")
+    key = dict(steps=args.decoder_steps, batch=args.vae_batch, crop=args.vae_crop, lr=args.decoder_lr, seed=args.seed,
+               vae_from=args.vae_from)
+    trained = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(trained, lr=args.decoder_lr, weight_decay=0.0)
+    ck = load_stage(path, key)
+    step, elapsed, log = 0, 0.0, []
+    if ck is not None:
+        vae.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), torch.set_rng_state(ck["rng"])
+        step, elapsed, log = ck["step"], ck["elapsed"], ck["log"]
+    else:
+        torch.manual_seed(args.seed + 4)
+    vae.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    t0, ema_loss = time.time() - elapsed, None
+    bar = tqdm(range(step, args.decoder_steps), desc="decoder", mininterval=10, initial=step, total=args.decoder_steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.decoder_steps, args.decoder_lr, args.warmup)
+        x = vae_batch(scenes, args.vae_batch, min(args.vae_crop, *scenes["rgb"].shape[-2:]), rgb_share=0.75)
+        with torch.no_grad():
+            mean, logvar = vae.moments(x)
+            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        err = vae.decoder(vae.post_quant_conv(z)) - x
+        loss = err.abs().mean() + err.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.decoder_steps:
+            log.append(dict(step=step + 1, loss=ema_loss, seconds=time.time() - t0))
+            tqdm.write(f"decoder step {step + 1}: L1 + MSE {ema_loss:.4f} ({time.time() - t0:.0f} s)")
+            atomic_torch_save(dict(key=key, model=vae.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(),
+                                   step=step + 1, elapsed=time.time() - t0, log=log), path)
+    elapsed = ck["elapsed"] if ck is not None and ck["step"] >= args.decoder_steps else time.time() - t0
+    return vae.eval().requires_grad_(False), elapsed
 
 
 @torch.no_grad()
@@ -317,7 +373,30 @@ def train_unet(args, latents, context, work):
     return (ema if args.ema > 0 else unet).eval(), elapsed, log
 
 
-# ----------------------------------------------------------------------------- 5. pictures
+# ----------------------------------------------------------------------------- 5. how good are its samples
+
+@torch.no_grad()
+def sample_quality(unet, vae, context, held_rgb8, n=512, steps=50, seed=12345):
+    """Fréchet distances in fd.py's feature space to held_rgb8 (held-out scenes, N > n): of n samples
+    (DDIM on the prior's own schedule, `steps` steps), and two references on the same n: other real
+    held-out scenes (the floor of n samples) and their VAE reconstructions (what the autoencoder alone costs)."""
+    import fd
+    net = fd.load_features()
+    ref, other = to_float(held_rgb8[n:]), to_float(held_rgb8[:n])
+    target = fd.image_features(net, ref)
+    noise = torch.randn(n, 4, ref.shape[-2] // 4, ref.shape[-1] // 4, generator=torch.Generator().manual_seed(seed))
+    d2f, lat = Diff2Flow("v", zero_snr=False), []
+    for i in range(0, n, 128):
+        part = noise[i:i + 128]
+        lat.append(d2f.sample(conditioned(unet, context.expand(len(part), -1, -1)), part, steps, "diffusion"))
+    samples = torch.cat([vae.decode(z) for z in torch.cat(lat).split(128)]).clamp(-1, 1)
+    recon = torch.cat([vae.decode(vae.encode(x)) for x in other.split(128)]).clamp(-1, 1)
+    return dict(fd_samples=fd.fd_between(fd.image_features(net, samples), target),
+                fd_real=fd.fd_between(fd.image_features(net, other), target),
+                fd_vae=fd.fd_between(fd.image_features(net, recon), target), n=n, steps=steps), samples
+
+
+# ----------------------------------------------------------------------------- 6. pictures
 
 def to_uint8(x):
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
@@ -355,15 +434,21 @@ def main(argv=None):
     held = render_split("heldout", args.eval_scenes, hw, args.work)
 
     # 2. autoencoder, then its latent scale folded in
-    vae, vae_seconds, vae_log = train_vae(args, train, args.work)
+    if args.vae_from:  # an autoencoder that is already latent-scaled: nothing to train or fold
+        vae, vae_seconds, vae_log = load_sd_checkpoint(args.vae_from).vae, 0.0, [dict(l1=float("nan"))]
+        s, c, fold_err = latent_std(vae, train["rgb"][:1000]) * SCALE_FACTOR, 1.0, 0.0
+        if args.decoder_steps:
+            vae, vae_seconds = finetune_decoder(args, vae, train, args.work)
+    else:
+        vae, vae_seconds, vae_log = train_vae(args, train, args.work)
+        s = latent_std(vae, train["rgb"][:1000])
+        x = to_float(held["rgb"][:16])
+        with torch.no_grad():
+            before = vae.decode(vae.encode(x))
+            c = fold_latent_scale(vae, s)
+            after = vae.decode(vae.encode(x))
+        fold_err = (after - before).abs().max().item()
     print(f"vae: {n_params(vae):,} parameters, {vae_seconds / 60:.1f} min")
-    s = latent_std(vae, train["rgb"][:1000])
-    x = to_float(held["rgb"][:16])
-    with torch.no_grad():
-        before = vae.decode(vae.encode(x))
-        c = fold_latent_scale(vae, s)
-        after = vae.decode(vae.encode(x))
-    fold_err = (after - before).abs().max().item()
     s_after = latent_std(vae, held["rgb"]) * SCALE_FACTOR  # encode() = mean * 0.18215, on held-out scenes
     print(f"latent std before folding {s:.4f} -> c = {c:.4f}; encode() std now {s_after:.4f} (held-out scenes); "
           f"decode(encode(x)) changed by at most {fold_err:.2e}")
@@ -383,7 +468,11 @@ def main(argv=None):
     unet, unet_seconds, unet_log = train_unet(args, lat, context, args.work)
     print(f"unet: {n_params(unet):,} parameters, {unet_seconds / 60:.1f} min")
 
-    # 5. the single-file checkpoint
+    # 5. how good its samples are: FD in fd.py's feature space (1,024 held-out scenes as the reference)
+    quality, _ = sample_quality(unet, vae, context, render_split("heldout", 1536, hw, args.work)["rgb"])
+    print("FD to held-out scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items() if k.startswith("fd")))
+
+    # 6. the single-file checkpoint
     wall = train["seconds"] + held["seconds"] + vae_seconds + enc_seconds + unet_seconds  # summed over resumed runs too
     command = "python " + shlex.join(["tiny.py"] + (sys.argv[1:] if argv is None else list(argv)))
     meta = {"diff2flow.prediction_type": "v", "diff2flow.zero_snr": "false", "diff2flow.objective": "diffusion",
@@ -396,15 +485,17 @@ def main(argv=None):
             "diff2flow.tiny.threads": str(args.threads), "diff2flow.tiny.torch": torch.__version__,
             "diff2flow.tiny.vae_config": json.dumps(asdict(VAE_CFG)), "diff2flow.tiny.unet_config": json.dumps(asdict(UNET_CFG)),
             "diff2flow.tiny.latent_std_unscaled": f"{s:.6f}", "diff2flow.tiny.latent_fold_c": f"{c:.6f}",
+            "diff2flow.tiny.vae_from": args.vae_from or "",
             "diff2flow.tiny.vae_final_l1": f"{vae_log[-1]['l1']:.5f}", "diff2flow.tiny.unet_final_loss": f"{unet_log[-1]['loss']:.5f}",
             "diff2flow.tiny.vae_heldout": json.dumps({k: round(v, 5) for k, v in vae_eval.items()}),
+            "diff2flow.tiny.sample_fd": json.dumps({k: round(v, 4) for k, v in quality.items()}),
             "diff2flow.tiny.data": f"{args.scenes} rendered train scenes (data.RenderedDepthDataset seeds 0..{args.scenes - 1}) and mirror images",
             "diff2flow.tiny.empty_context": f"torch.randn(1, {CONTEXT_LEN}, {UNET_CFG.context_dim}) from torch.Generator().manual_seed({args.seed})"}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_sd_checkpoint(args.out, unet, vae, empty_context=context, metadata=meta)
     print(f"wrote {args.out}: {os.path.getsize(args.out) / 2 ** 20:.1f} MiB, {wall / 60:.1f} min of training")
 
-    # 6. load it back through the one loader: same tensors, same samples
+    # 7. load it back through the one loader: same tensors, same samples
     ck = load_sd_checkpoint(args.out)
     mism = [k for k, v in unet.state_dict().items() if not torch.equal(v, ck.unet.state_dict()[k])]
     mism += [k for k, v in vae.state_dict().items() if not torch.equal(v, ck.vae.state_dict()[k])]
@@ -426,7 +517,7 @@ def main(argv=None):
           f"vs DDIM-50 from other noise: {F.mse_loss(ddim, other).item():.4f}")
     save_grid(os.path.join(os.path.dirname(args.out), "tiny_prior_samples.png"),
               [to_uint8(to_float(train["rgb"][:n])), to_uint8(img_ddim), to_uint8(img_euler)])
-    summary = dict(meta=meta, vae_log=vae_log, unet_log=unet_log, vae_params=n_params(vae), unet_params=n_params(unet),
+    summary = dict(meta=meta, sample_fd=quality, vae_log=vae_log, unet_log=unet_log, vae_params=n_params(vae), unet_params=n_params(unet),
                    file_mib=os.path.getsize(args.out) / 2 ** 20, fold_err=fold_err, latent_std_after=s_after,
                    mse_ddim_euler=F.mse_loss(ddim, euler).item(), mse_ddim_other=F.mse_loss(ddim, other).item())
     with open(os.path.join(args.work, "summary.json"), "w") as f:
