@@ -15,9 +15,9 @@ exact layout and conventions, only narrower, so everything downstream runs the s
   - written as one single-file checkpoint (model.diffusion_model.*, first_stage_model.*,
     empty_context) by checkpoint.save_sd_checkpoint, then loaded back and checked.
 
-    python tiny.py --threads 1                            # ~1.5 hours on one core (VAE 30 min, UNet 1 hour)
+    python tiny.py --threads 1                            # ~2 hours on one core (VAE 40 min, UNet 65 min)
     python tiny.py --threads 1 --vae-from OLD.safetensors # the bundled file: the VAE of the first prior, a new UNet
-    python tiny.py --scenes 64 --vae-steps 10 --unet-steps 10 --out runs/smoke/tiny.safetensors --work runs/smoke
+    python tiny.py --scenes 64 --vae-steps 10 --unet-steps 10 --fd-samples 32 --out runs/smoke/tiny.safetensors --work runs/smoke
 
 Every stage keeps its result in --work (renders, VAE, latents, UNet with EMA and optimizer state), so a
 run that is stopped goes on where it was when started again with the same arguments.
@@ -69,15 +69,13 @@ def parse_args(argv=None):
     p.add_argument("--vae-crop", default=48, type=int, help="square training crops (the VAE is convolutional)")
     p.add_argument("--vae-lr", default=1e-3, type=float)
     p.add_argument("--kl-weight", default=1e-6, type=float, help="LDM's KL weight, relative to a per-pixel summed L1")
-    p.add_argument("--decoder-steps", default=0, type=int, help="with --vae-from: finetune its decoder only "
-                   "(the latent space stays) for this many steps")
-    p.add_argument("--decoder-lr", default=5e-4, type=float)
     p.add_argument("--unet-steps", default=10000, type=int)
     p.add_argument("--unet-stop", default=None, type=int, help="end the UNet stage after this step (the LR "
                    "schedule still spans --unet-steps) and write the checkpoint from its EMA weights")
     p.add_argument("--unet-batch", default=32, type=int)
     p.add_argument("--unet-lr", default=5e-4, type=float)
     p.add_argument("--ema", default=0.999, type=float, help="EMA decay of the UNet weights (0: no EMA)")
+    p.add_argument("--fd-samples", default=512, type=int, help="samples scored by fd.py (against twice as many held-out scenes)")
     p.add_argument("--warmup", default=200, type=int, help="linear LR warm-up steps of both stages")
     p.add_argument("--save-every", default=250, type=int, help="steps between stage checkpoints")
     p.add_argument("--threads", default=2, type=int)
@@ -208,52 +206,6 @@ def train_vae(args, scenes, work):
     else:
         elapsed = time.time() - t0
     return vae.eval(), elapsed, log
-
-
-def finetune_decoder(args, vae, scenes, work):
-    """Train only post_quant_conv and the decoder, as Stability did for SD's ft-EMA/ft-MSE decoders: the
-    encoder, and so the latent space and any UNet trained on it, stay as they are, while colours and
-    detail come back sharper. Three quarters of each batch RGB (the first VAE's decoder washed colours
-    out), the rest depth; L1 + MSE on decoded posterior samples."""
-    path = os.path.join(work, "decoder.pt")
-    key = dict(steps=args.decoder_steps, batch=args.vae_batch, crop=args.vae_crop, lr=args.decoder_lr, seed=args.seed,
-               vae_from=args.vae_from)
-    trained = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
-    opt = torch.optim.AdamW(trained, lr=args.decoder_lr, weight_decay=0.0)
-    ck = load_stage(path, key)
-    step, elapsed, log = 0, 0.0, []
-    if ck is not None:
-        vae.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), torch.set_rng_state(ck["rng"])
-        step, elapsed, log = ck["step"], ck["elapsed"], ck["log"]
-    else:
-        torch.manual_seed(args.seed + 4)
-    vae.requires_grad_(False)
-    for p in trained:
-        p.requires_grad_(True)
-    t0, ema_loss = time.time() - elapsed, None
-    bar = tqdm(range(step, args.decoder_steps), desc="decoder", mininterval=10, initial=step, total=args.decoder_steps)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.decoder_steps, args.decoder_lr, args.warmup)
-        x = vae_batch(scenes, args.vae_batch, min(args.vae_crop, *scenes["rgb"].shape[-2:]), rgb_share=0.75)
-        with torch.no_grad():
-            mean, logvar = vae.moments(x)
-            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-        err = vae.decoder(vae.post_quant_conv(z)) - x
-        loss = err.abs().mean() + err.square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.decoder_steps:
-            log.append(dict(step=step + 1, loss=ema_loss, seconds=time.time() - t0))
-            tqdm.write(f"decoder step {step + 1}: L1 + MSE {ema_loss:.4f} ({time.time() - t0:.0f} s)")
-            atomic_torch_save(dict(key=key, model=vae.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(),
-                                   step=step + 1, elapsed=time.time() - t0, log=log), path)
-    elapsed = ck["elapsed"] if ck is not None and ck["step"] >= args.decoder_steps else time.time() - t0
-    return vae.eval().requires_grad_(False), elapsed
 
 
 @torch.no_grad()
@@ -437,8 +389,6 @@ def main(argv=None):
     if args.vae_from:  # an autoencoder that is already latent-scaled: nothing to train or fold
         vae, vae_seconds, vae_log = load_sd_checkpoint(args.vae_from).vae, 0.0, [dict(l1=float("nan"))]
         s, c, fold_err = latent_std(vae, train["rgb"][:1000]) * SCALE_FACTOR, 1.0, 0.0
-        if args.decoder_steps:
-            vae, vae_seconds = finetune_decoder(args, vae, train, args.work)
     else:
         vae, vae_seconds, vae_log = train_vae(args, train, args.work)
         s = latent_std(vae, train["rgb"][:1000])
@@ -468,8 +418,9 @@ def main(argv=None):
     unet, unet_seconds, unet_log = train_unet(args, lat, context, args.work)
     print(f"unet: {n_params(unet):,} parameters, {unet_seconds / 60:.1f} min")
 
-    # 5. how good its samples are: FD in fd.py's feature space (1,024 held-out scenes as the reference)
-    quality, _ = sample_quality(unet, vae, context, render_split("heldout", 1536, hw, args.work)["rgb"])
+    # 5. how good its samples are: FD in fd.py's feature space (2 x --fd-samples held-out scenes as the reference)
+    fd_held = render_split("heldout", 3 * args.fd_samples, hw, args.work)["rgb"]
+    quality, _ = sample_quality(unet, vae, context, fd_held, n=args.fd_samples)
     print("FD to held-out scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items() if k.startswith("fd")))
 
     # 6. the single-file checkpoint
