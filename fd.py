@@ -5,12 +5,12 @@ that reads rendered scenes, the miniature's stand-in for FID's Inception feature
 FID compares the mean and covariance of Inception-v3 features of generated and real images. No
 Inception net was trained on our rendered scenes, so we train one that is: SceneNet learns to predict
 what each training scene is made of from its image alone: the coarse depth layout (6x8), the coarse
-colour layout (3x4 RGB), and the scene's own parameters (room or open ground, camera height, pitch,
+colour layout (3x4 RGB), the coarse detail layout (3x4 gradient energy, so blur shows), and the scene's own parameters (room or open ground, camera height, pitch,
 roll, field of view, light, object count). Its 128-d penultimate layer is the feature space, so the
 distance sees geometry (floor, walls, horizon, objects) as well as colour. The trained net ships as
 assets/tiny_features.safetensors; CI never retrains it.
 
-    python fd.py                       # train it (~10 min on one core), print held-out R^2 and FD floors
+    python fd.py                       # train it (~5 min on one core), print held-out R^2 and FD floors
     python fd.py --steps 20 --scenes 256 --out runs/smoke/features.safetensors     # smoke test
 
 The distance (Heusel et al. 2017, closed form for two Gaussians):

@@ -21,6 +21,7 @@ tables the README shows.
   5. reflow: 2-step samples before and after reflow on held-out noise (see sample.py --save-pairs).
 """
 import argparse
+import functools
 import json
 import os
 
@@ -41,6 +42,7 @@ ABLATION = {"+ zero-SNR end": ["--zero-snr", "1"], "+ continuous τ": ["--diffus
             "+ timestep density": ["--diffusion-changes", "density"], "+ loss weight": ["--diffusion-changes", "weight"]}
 
 
+@functools.lru_cache(maxsize=None)
 def prior_hw(latent=False):
     """The bundled prior's image size (tiny.py records it), or its latent size (the VAE downsamples 4x)."""
     h, w = native_res(read_metadata(TINY_PRIOR), None)
@@ -62,7 +64,6 @@ def save_json(obj, name):
 def alignment(n=32, step_counts=(4, 10, 50)):
     from checkpoint import load_sd_checkpoint
     from diff2flow import Diff2Flow, conditioned
-    from sample import save_png
     from schedule import Schedule, ddim_sample
     sd = load_sd_checkpoint(TINY_PRIOR)
     unet, vae = sd.unet, sd.vae
@@ -87,8 +88,7 @@ def alignment(n=32, step_counts=(4, 10, 50)):
         if steps == max(step_counts):
             images = dict(ddim=ddim, d2f=decode(Diff2Flow(sd.prediction, False).sample(model, noise, steps)),
                           fm=decode(Diff2Flow(sd.prediction).sample(model, noise, steps, "fm")))
-    grid = torch.cat([torch.cat(list(images[k][:8]), dim=2) for k in ("ddim", "d2f", "fm")], dim=1)   # (3, 3h, 8w)
-    save_png(os.path.join(OUT, "alignment.png"), ((grid.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+    save_grid(os.path.join(OUT, "alignment.png"), [images[k][:8] for k in ("ddim", "d2f", "fm")])
     save_json(rows, "alignment.json")
     return rows
 
@@ -121,18 +121,15 @@ def final_report(name):
 def transfer():
     """The demo (python train.py --task depth --lora-rank 64) from the prior and from random weights."""
     random_ckpt = random_unet_checkpoint(os.path.join(OUT, "random_unet.safetensors"))
-    res = {}
-    for init, ckpt in (("prior", TINY_PRIOR), ("random", random_ckpt)):
-        for seed in TRANSFER_SEEDS:
-            name = f"transfer-{init}-s{seed}"
-            run_once(name, ["--ckpt", ckpt, "--task", "depth", "--lora-rank", "64", "--seed", str(seed)], None)
-            start, end = final_report(name)
-            res[name] = dict(start=start, end=end)
+    runs = {f"transfer-{init}-s{seed}": ["--ckpt", ckpt, "--seed", str(seed)]
+            for init, ckpt in (("prior", TINY_PRIOR), ("random", random_ckpt)) for seed in TRANSFER_SEEDS}
     # the method as written (white noise, uniform t) instead of the demo's two tiny-prior defaults, one seed
-    run_once("transfer-aswritten-s0", ["--ckpt", TINY_PRIOR, "--task", "depth", "--lora-rank", "64", "--seed", "0",
-                                       "--multires-noise", "0", "--t-density", "uniform"], None)
-    start, end = final_report("transfer-aswritten-s0")
-    res["transfer-aswritten-s0"] = dict(start=start, end=end)
+    runs["transfer-aswritten-s0"] = ["--ckpt", TINY_PRIOR, "--seed", "0", "--multires-noise", "0", "--t-density", "uniform"]
+    res = {}
+    for name, args in runs.items():
+        run_once(name, ["--task", "depth", "--lora-rank", "64", *args], None)
+        start, end = final_report(name)
+        res[name] = dict(start=start, end=end)
     trivial = next(r for r in read_log(os.path.join(RUNS, "transfer-prior-s0")) if r["kind"] == "report_trivial")
     res["trivial"] = dict(abs_rel=trivial["abs_rel"], delta1=trivial["delta1"])
     save_json(res, "transfer.json")
@@ -249,25 +246,23 @@ def dusk(rgb):
     return (x.clamp(0, 1) * 2 - 1)
 
 
-def write_dusk_folder(folder, n):
-    """n dusk scenes as a caption folder (PNG + empty caption): what train.py --task t2i reads."""
-    import data
-    if os.path.exists(os.path.join(folder, "done")):
-        return folder
-    os.makedirs(folder, exist_ok=True)
-    ds = data.RenderedDepthDataset(SHIFT_SEED0, n, *prior_hw(), cache=False)
-    for i in range(n):
-        rgb = dusk(ds[i]["rgb"])
-        data.save_image(os.path.join(folder, f"{i:05d}.png"), ((rgb.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
-        open(os.path.join(folder, f"{i:05d}.txt"), "w").close()
-    open(os.path.join(folder, "done"), "w").close()
-    return folder
-
-
 def dusk_images(seed0, n):
+    """Rendered scenes seed0 .. seed0 + n - 1 at the prior's size, under the dusk light: (n, 3, H, W)."""
     import data
     ds = data.RenderedDepthDataset(seed0, n, *prior_hw(), cache=False)
     return torch.stack([dusk(ds[i]["rgb"]) for i in range(n)])
+
+
+def write_dusk_folder(folder, n):
+    """n unseen dusk scenes as a caption folder (PNG + empty caption): what train.py --task t2i reads."""
+    import data
+    if not os.path.exists(os.path.join(folder, "done")):
+        os.makedirs(folder, exist_ok=True)
+        for i, rgb in enumerate(dusk_images(SHIFT_SEED0, n)):
+            data.save_image(os.path.join(folder, f"{i:05d}.png"), ((rgb.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+            open(os.path.join(folder, f"{i:05d}.txt"), "w").close()
+        open(os.path.join(folder, "done"), "w").close()
+    return folder
 
 
 @torch.no_grad()

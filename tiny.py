@@ -388,7 +388,7 @@ def main(argv=None):
     # 2. autoencoder, then its latent scale folded in
     if args.vae_from:  # an autoencoder that is already latent-scaled: nothing to train or fold
         vae, vae_seconds, vae_log = load_sd_checkpoint(args.vae_from).vae, 0.0, [dict(l1=float("nan"))]
-        s, c, fold_err = latent_std(vae, train["rgb"][:1000]) * SCALE_FACTOR, 1.0, 0.0
+        s, c, fold_err = latent_std(vae, train["rgb"][:1000]), 1.0, 0.0     # folded already: c = 1
     else:
         vae, vae_seconds, vae_log = train_vae(args, train, args.work)
         s = latent_std(vae, train["rgb"][:1000])
