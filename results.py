@@ -49,12 +49,30 @@ def prior_hw(latent=False):
     return (h // 4, w // 4) if latent else (h, w)
 
 
+@functools.lru_cache(maxsize=None)
+def prior_stamp():
+    """The bundled prior's sha256: a result holds only for the prior it was made from."""
+    import hashlib
+    with open(TINY_PRIOR, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def save_json(obj, name):
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, name)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(dict(prior=prior_stamp(), result=obj), f, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def load_json(name):
+    """What save_json wrote, or None when it is missing or was made from another prior."""
+    path = os.path.join(OUT, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    return saved["result"] if isinstance(saved, dict) and saved.get("prior") == prior_stamp() else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,10 +122,11 @@ def random_unet_checkpoint(path, seed=0):
     empty-prompt embedding and loader path, nothing learned."""
     from checkpoint import load_sd_checkpoint, save_sd_checkpoint
     from unet import UNetModel
-    if not os.path.exists(path):
+    if not os.path.exists(path) or read_metadata(path).get("diff2flow.results.prior_sha256") != prior_stamp():
         sd = load_sd_checkpoint(TINY_PRIOR)
         torch.manual_seed(seed)
-        meta = dict(sd.metadata, **{"diff2flow.tiny.unet": f"random: UNetModel(cfg) after torch.manual_seed({seed})"})
+        meta = dict(sd.metadata, **{"diff2flow.tiny.unet": f"random: UNetModel(cfg) after torch.manual_seed({seed})",
+                                    "diff2flow.results.prior_sha256": prior_stamp()})
         save_sd_checkpoint(path, UNetModel(sd.unet.cfg), sd.vae, empty_context=sd.empty_context(), metadata=meta)
     return path
 
@@ -150,6 +169,11 @@ def depth_runs(steps):
         for seed in LORA_SEEDS:
             runs[f"lora4-{obj}-s{seed}"] = ["--objective", obj, "--lora-rank", "4", "--seed", str(seed), *common]
         runs[f"full-{obj}-s0"] = ["--objective", obj, "--lora-rank", "0", "--seed", "0", *common]
+    # transfer under limited capacity: the same LoRA on a frozen UNet that learned nothing
+    random_ckpt = random_unet_checkpoint(os.path.join(OUT, "random_unet.safetensors"))
+    for seed in LORA_SEEDS:
+        runs[f"random-lora4-diff2flow-s{seed}"] = ["--ckpt", random_ckpt, "--objective", "diff2flow", "--lora-rank", "4",
+                                                   "--seed", str(seed), *common]
     for name, extra in ABLATION.items():
         runs["ablation-" + name.split()[-1].replace("τ", "tau")] = ["--objective", "diffusion", "--lora-rank", "4",
                                                                    "--seed", "0", *extra, *common]
@@ -303,8 +327,7 @@ def shift(steps):
         f0, images0 = sample_features(net, untouched, obj)
         for seed in LORA_SEEDS:
             name = f"shift-{obj}-s{seed}"
-            path = os.path.join(OUT, f"{name}.json")
-            curve = json.load(open(path)) if os.path.exists(path) else [[0, fd.fd_between(f0, target)]]
+            curve = load_json(f"{name}.json") or [[0, fd.fd_between(f0, target)]]
             for k in marks:
                 if any(s == k for s, _ in curve):
                     continue
@@ -428,6 +451,10 @@ def markdown(alignment_rows=None, transfer_res=None, depth_res=None, shift_res=N
                 spread = f" ± {a[:, 0].std():.3f}" if len(names) > 1 else ""
                 spread_d = f" ± {a[:, 1].std():.3f}" if len(names) > 1 else ""
                 lines.append(f"| {label}, {obj} | {a[:, 0].mean():.3f}{spread} | {a[:, 1].mean():.3f}{spread_d} |")
+        names = [n for n in depth_res["curves"] if n.startswith("random-lora4-diff2flow-")]
+        if names:
+            a = np.array([final(n) for n in names])
+            lines.append(f"| LoRA rank 4, diff2flow, on the same UNet with random weights | {pm(a[:, 0])} | {pm(a[:, 1])} |")
         for name in ABLATION:
             key = "ablation-" + name.split()[-1].replace("τ", "tau")
             a, d = final(key)
@@ -443,21 +470,38 @@ def markdown(alignment_rows=None, transfer_res=None, depth_res=None, shift_res=N
     return "\n".join(lines) + "\n"
 
 
+def check_prior():
+    """Refuse to mix runs of two priors (run_once skips finished runs by name), and stamp a fresh results/runs.
+    The JSONs and the random-weights file carry the stamp themselves and are remade when it differs."""
+    path, stamp = os.path.join(RUNS, "PRIOR"), prior_stamp()
+    if os.path.exists(path) and open(path).read().strip() != stamp:
+        raise SystemExit(f"results.py: {RUNS}/ holds runs of another tiny prior than {TINY_PRIOR} (sha256 in {path}); "
+                         f"delete {RUNS}/ to start over")
+    os.makedirs(RUNS, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(stamp + "\n")
+
+
+PARTS = dict(alignment="alignment_rows", transfer="transfer_res", depth="depth_res", shift="shift_res", reflow="reflow_res")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", default="all", choices=["all", "alignment", "transfer", "depth", "shift", "reflow"])
+    p.add_argument("--part", default="all", choices=["all", *PARTS])
     p.add_argument("--steps", default=500, type=int, help="training steps of each depth run")
     p.add_argument("--shift-steps", default=400, type=int, help="training steps of each shift run")
     p.add_argument("--reflow-steps", default=400, type=int, help="training steps of the reflow run")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    parts = dict(alignment=("alignment_rows", alignment), transfer=("transfer_res", transfer),
-                 depth=("depth_res", lambda: depth(args.steps)), shift=("shift_res", lambda: shift(args.shift_steps)),
-                 reflow=("reflow_res", lambda: reflow(args.reflow_steps)))
-    found = {}
-    for name, (key, run) in parts.items():
+    check_prior()
+    run = dict(alignment=alignment, transfer=transfer, depth=lambda: depth(args.steps),
+               shift=lambda: shift(args.shift_steps), reflow=lambda: reflow(args.reflow_steps))
+    for name in PARTS:
         if args.part in ("all", name):
-            found[key] = run()
+            run[name]()
+    # the tables of every part done so far (parts may run in separate processes or sessions)
+    found = {key: load_json(f"{name}.json") for name, key in PARTS.items()}
+    found = {key: res for key, res in found.items() if res is not None}
     with open(os.path.join(OUT, "RESULTS.md"), "w") as f:
         f.write(markdown(**found))
     print(markdown(**found))

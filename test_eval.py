@@ -302,3 +302,24 @@ def test_mirror_targets_are_the_targets_of_the_mirrored_image():
     m = fd.mirror_targets(y)
     assert torch.allclose(m[:, :96], y_flipped[:, :96], atol=1e-5) and not torch.allclose(y[:, :96], y_flipped[:, :96])
     assert torch.equal(m[:, fd.ROLL], -y[:, fd.ROLL]) and (y[:, fd.ROLL] != 0).all()
+
+
+def test_results_hold_only_for_the_prior_they_were_made_from(tmp_path, monkeypatch):
+    """results.py skips finished runs by name; after the bundled prior changes, its old runs, curves and
+    random-weights file must not pass for the new prior's."""
+    import results
+    prior = tmp_path / "prior.safetensors"
+    prior.write_bytes(b"one prior")
+    monkeypatch.setattr(results, "TINY_PRIOR", str(prior))
+    monkeypatch.setattr(results, "OUT", str(tmp_path / "results"))
+    monkeypatch.setattr(results, "RUNS", str(tmp_path / "results" / "runs"))
+    results.prior_stamp.cache_clear()
+    results.check_prior()
+    results.save_json([[0, 1.5]], "shift-fm-s0.json")
+    assert results.load_json("shift-fm-s0.json") == [[0, 1.5]] and results.load_json("none.json") is None
+    prior.write_bytes(b"another prior")
+    results.prior_stamp.cache_clear()
+    assert results.load_json("shift-fm-s0.json") is None          # remade, not reused
+    with pytest.raises(SystemExit, match="holds runs of another tiny prior.*delete"):
+        results.check_prior()
+    results.prior_stamp.cache_clear()

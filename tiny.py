@@ -15,8 +15,8 @@ exact layout and conventions, only narrower, so everything downstream runs the s
   - written as one single-file checkpoint (model.diffusion_model.*, first_stage_model.*,
     empty_context) by checkpoint.save_sd_checkpoint, then loaded back and checked.
 
-    python tiny.py --threads 1                            # ~2 hours on one core (VAE 40 min, UNet 65 min)
-    python tiny.py --threads 1 --vae-from OLD.safetensors # the bundled file: the VAE of the first prior, a new UNet
+    python tiny.py --threads 1                            # the bundled file: ~2 hours on one core (VAE 40-55 min, UNet 60 min)
+    python tiny.py --threads 1 --vae-from OLD.safetensors # keep another prior's autoencoder, train a new UNet
     python tiny.py --scenes 64 --vae-steps 10 --unet-steps 10 --fd-samples 32 --out runs/smoke/tiny.safetensors --work runs/smoke
 
 Every stage keeps its result in --work (renders, VAE, latents, UNet with EMA and optimizer state), so a
