@@ -473,7 +473,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 def test_tiny_recipe_end_to_end_and_vae_from(tmp_path):
     """tiny.py at toy size: it writes a loadable single-file prior that records its size and the fd.py score of
     its samples (a 4-step UNet's samples are far from real scenes), and --vae-from reuses a file's
-    autoencoder exactly (no training, no second latent-scale fold)."""
+    autoencoder exactly (no training, no second latent-scale fold); --unet-ch sets the UNet's width."""
     import json
     import tiny
     from lora import read_metadata
@@ -487,9 +487,10 @@ def test_tiny_recipe_end_to_end_and_vae_from(tmp_path):
     assert meta["diff2flow.res"] == "32x48" and q["n"] == 64
     print(q)
     assert q["fd_samples"] > 1.5 * q["fd_real"]          # measured: 92.8 against 30.3 (64 samples)
-    tiny.main([*small, "--vae-from", first, "--out", second, "--work", str(tmp_path / "wb")])
+    tiny.main([*small, "--vae-from", first, "--unet-ch", "64", "--out", second, "--work", str(tmp_path / "wb")])
     a, b = ck.load_sd_checkpoint(first), ck.load_sd_checkpoint(second)
     assert all(torch.equal(v, b.vae.state_dict()[k]) for k, v in a.vae.state_dict().items())
+    assert (a.unet.cfg.model_channels, b.unet.cfg.model_channels) == (32, 64)   # --unet-ch, read back from shapes
     meta_b = read_metadata(second)
     assert meta_b["diff2flow.tiny.vae_from"] == first and meta_b["diff2flow.tiny.latent_fold_c"] == "1.000000"
     assert ck.native_res(meta_b, None) == (32, 48)

@@ -29,7 +29,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-crop", default=48, type=int, help="square training crops (the VAE is convolutional)")
     p.add_argument("--vae-lr", default=1e-3, type=float)
     p.add_argument("--kl-weight", default=1e-6, type=float, help="LDM's KL weight, relative to a per-pixel summed L1")
+    p.add_argument("--unet-ch", default=UNET_CFG.model_channels, type=int, help="the UNet's base width (the bundled "
+                   "file's is 32; its samples are blurred, a wider UNet is the next try)")
     p.add_argument("--unet-steps", default=10000, type=int)
     p.add_argument("--unet-stop", default=None, type=int, help="end the UNet stage after this step (the LR "
                    "schedule still spans --unet-steps) and write the checkpoint from its EMA weights")
@@ -280,11 +282,12 @@ def encode_latents(vae, rgb8, work, key, batch=64):
 
 def train_unet(args, latents, context, work):
     path = os.path.join(work, "unet.pt")
-    key = dict(cfg=asdict(UNET_CFG), steps=args.unet_steps, batch=args.unet_batch, lr=args.unet_lr, ema=args.ema,
+    cfg = replace(UNET_CFG, model_channels=args.unet_ch)
+    key = dict(cfg=asdict(cfg), steps=args.unet_steps, batch=args.unet_batch, lr=args.unet_lr, ema=args.ema,
                seed=args.seed, n=len(latents))
     torch.manual_seed(args.seed + 1)
-    unet = UNetModel(UNET_CFG)
-    ema = UNetModel(UNET_CFG).requires_grad_(False)
+    unet = UNetModel(cfg)
+    ema = UNetModel(cfg).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     ck = load_stage(path, key)
@@ -434,7 +437,7 @@ def main(argv=None):
             "diff2flow.tiny.stage_minutes": json.dumps({k: round(v / 60, 2) for k, v in dict(
                 render=train["seconds"] + held["seconds"], vae=vae_seconds, encode=enc_seconds, unet=unet_seconds).items()}),
             "diff2flow.tiny.threads": str(args.threads), "diff2flow.tiny.torch": torch.__version__,
-            "diff2flow.tiny.vae_config": json.dumps(asdict(VAE_CFG)), "diff2flow.tiny.unet_config": json.dumps(asdict(UNET_CFG)),
+            "diff2flow.tiny.vae_config": json.dumps(asdict(VAE_CFG)), "diff2flow.tiny.unet_config": json.dumps(asdict(unet.cfg)),
             "diff2flow.tiny.latent_std_unscaled": f"{s:.6f}", "diff2flow.tiny.latent_fold_c": f"{c:.6f}",
             "diff2flow.tiny.vae_from": args.vae_from or "",
             "diff2flow.tiny.vae_final_l1": f"{vae_log[-1]['l1']:.5f}", "diff2flow.tiny.unet_final_loss": f"{unet_log[-1]['loss']:.5f}",
