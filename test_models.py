@@ -491,6 +491,8 @@ def test_tiny_recipe_end_to_end_and_vae_from(tmp_path):
     a, b = ck.load_sd_checkpoint(first), ck.load_sd_checkpoint(second)
     assert all(torch.equal(v, b.vae.state_dict()[k]) for k, v in a.vae.state_dict().items())
     assert (a.unet.cfg.model_channels, b.unet.cfg.model_channels) == (32, 64)   # --unet-ch, read back from shapes
+    with pytest.raises(SystemExit):
+        tiny.parse_args(["--unet-ch", "48"])        # GroupNorm(32): refused before any rendering
     meta_b = read_metadata(second)
     assert meta_b["diff2flow.tiny.vae_from"] == first and meta_b["diff2flow.tiny.latent_fold_c"] == "1.000000"
     assert ck.native_res(meta_b, None) == (32, 48)

@@ -81,7 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", default=200, type=int, help="linear LR warm-up steps of both stages")
     p.add_argument("--save-every", default=250, type=int, help="steps between stage checkpoints")
     p.add_argument("--threads", default=2, type=int)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.unet_ch <= 0 or args.unet_ch % 32:
+        p.error(f"--unet-ch {args.unet_ch}: the UNet's GroupNorm needs a positive multiple of 32 channels (32, 64, 96, ...)")
+    return args
 
 
 # ----------------------------------------------------------------------------- small helpers
