@@ -502,8 +502,10 @@ def main(argv=None):
     # the tables of every part done so far (parts may run in separate processes or sessions)
     found = {key: load_json(f"{name}.json") for name, key in PARTS.items()}
     found = {key: res for key, res in found.items() if res is not None}
-    with open(os.path.join(OUT, "RESULTS.md"), "w") as f:
+    path = os.path.join(OUT, "RESULTS.md")
+    with open(path + ".tmp", "w") as f:
         f.write(markdown(**found))
+    os.replace(path + ".tmp", path)
     print(markdown(**found))
 
 
