@@ -37,6 +37,7 @@ OUT = "results"
 RUNS = os.path.join(OUT, "runs")
 LORA_SEEDS = (0, 1, 2)
 OBJECTIVE_NAMES = ("diffusion", "fm", "diff2flow")
+COLORS = dict(diffusion="tab:blue", fm="tab:orange", diff2flow="tab:green")      # one colour per objective, every plot
 # Diff2Flow = diffusion + these (DESIGN.md); each added alone to `diffusion` (1 seed each)
 ABLATION = {"+ zero-SNR end": ["--zero-snr", "1"], "+ continuous τ": ["--diffusion-changes", "continuous"],
             "+ timestep density": ["--diffusion-changes", "density"], "+ loss weight": ["--diffusion-changes", "weight"]}
@@ -51,10 +52,17 @@ def prior_hw(latent=False):
 
 @functools.lru_cache(maxsize=None)
 def prior_stamp():
-    """The bundled prior's sha256: a result holds only for the prior it was made from."""
+    """sha256 of the bundled prior's tensors (names, dtypes, shapes, bytes; not its metadata): a result
+    holds only for the weights it was made from."""
     import hashlib
-    with open(TINY_PRIOR, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    from safetensors import safe_open
+    h = hashlib.sha256()
+    with safe_open(TINY_PRIOR, framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_json(obj, name):
@@ -115,9 +123,10 @@ def alignment(n=32, step_counts=(4, 10, 50)):
 # 2. Transfer: the prior against the same UNet with random weights
 
 TRANSFER_SEEDS = (0, 1, 2)
+RANDOM_UNET = os.path.join(OUT, "random_unet.safetensors")
 
 
-def random_unet_checkpoint(path, seed=0):
+def random_unet_checkpoint(path=RANDOM_UNET, seed=0):
     """The prior's file with its UNet drawn afresh (unet.py's initialisation): the same architecture, VAE,
     empty-prompt embedding and loader path, nothing learned."""
     from checkpoint import load_sd_checkpoint, save_sd_checkpoint
@@ -139,7 +148,7 @@ def final_report(name):
 
 def transfer():
     """The demo (python train.py --task depth --lora-rank 64) from the prior and from random weights."""
-    random_ckpt = random_unet_checkpoint(os.path.join(OUT, "random_unet.safetensors"))
+    random_ckpt = random_unet_checkpoint()
     runs = {f"transfer-{init}-s{seed}": ["--ckpt", ckpt, "--seed", str(seed)]
             for init, ckpt in (("prior", TINY_PRIOR), ("random", random_ckpt)) for seed in TRANSFER_SEEDS}
     # the method as written (white noise, uniform t) instead of the demo's two tiny-prior defaults, one seed
@@ -170,7 +179,7 @@ def depth_runs(steps):
             runs[f"lora4-{obj}-s{seed}"] = ["--objective", obj, "--lora-rank", "4", "--seed", str(seed), *common]
         runs[f"full-{obj}-s0"] = ["--objective", obj, "--lora-rank", "0", "--seed", "0", *common]
     # transfer under limited capacity: the same LoRA on a frozen UNet that learned nothing
-    random_ckpt = random_unet_checkpoint(os.path.join(OUT, "random_unet.safetensors"))
+    random_ckpt = random_unet_checkpoint()
     for seed in LORA_SEEDS:
         runs[f"random-lora4-diff2flow-s{seed}"] = ["--ckpt", random_ckpt, "--objective", "diff2flow", "--lora-rank", "4",
                                                    "--seed", str(seed), *common]
@@ -235,15 +244,14 @@ def plot_depth(res):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colors = dict(diffusion="tab:blue", fm="tab:orange", diff2flow="tab:green")
     for ax, kind, title in ((axes[0], "lora4", "LoRA rank 4 (3 seeds: mean, min-max)"), (axes[1], "full", "full finetuning")):
         for obj in OBJECTIVE_NAMES:
             runs = [c for n, c in res["curves"].items() if n.startswith(f"{kind}-{obj}-")]
             steps = [s for s, _, _ in runs[0]]
             vals = np.array([[a for _, a, _ in c] for c in runs])
-            ax.plot(steps, vals.mean(0), "o-", color=colors[obj], label=obj)
+            ax.plot(steps, vals.mean(0), "o-", color=COLORS[obj], label=obj)
             if len(runs) > 1:
-                ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[obj], alpha=0.2)
+                ax.fill_between(steps, vals.min(0), vals.max(0), color=COLORS[obj], alpha=0.2)
         ax.axhline(res["trivial"]["abs_rel"], color="gray", ls="--", label="mean training depth map")
         ax.set_title(title)
         ax.set_xlabel("training steps")
@@ -360,12 +368,11 @@ def plot_shift(res):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    colors = dict(diffusion="tab:blue", fm="tab:orange", diff2flow="tab:green")
     for obj in OBJECTIVE_NAMES:
         curves = np.array([res["curves"][f"shift-{obj}-s{s}"] for s in LORA_SEEDS])   # (seeds, points, 2)
         steps, vals = curves[0, :, 0], curves[:, :, 1]
-        ax.plot(steps, vals.mean(0), "o-", color=colors[obj], label=obj)
-        ax.fill_between(steps, vals.min(0), vals.max(0), color=colors[obj], alpha=0.2)
+        ax.plot(steps, vals.mean(0), "o-", color=COLORS[obj], label=obj)
+        ax.fill_between(steps, vals.min(0), vals.max(0), color=COLORS[obj], alpha=0.2)
     ax.axhline(res["floor"], color="gray", ls="--", label="dusk training scenes (floor)")
     ax.set_yscale("log")
     ax.set_xlabel("LoRA finetuning steps")
@@ -474,7 +481,8 @@ def check_prior():
     """Refuse to mix runs of two priors (run_once skips finished runs by name), and stamp a fresh results/runs.
     The JSONs and the random-weights file carry the stamp themselves and are remade when it differs."""
     path, stamp = os.path.join(RUNS, "PRIOR"), prior_stamp()
-    if os.path.exists(path) and open(path).read().strip() != stamp:
+    made_with = open(path).read().strip() if os.path.exists(path) else stamp
+    if made_with != stamp:
         raise SystemExit(f"results.py: {RUNS}/ holds runs of another tiny prior than {TINY_PRIOR} (sha256 in {path}); "
                          f"delete {RUNS}/ to start over")
     os.makedirs(RUNS, exist_ok=True)

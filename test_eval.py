@@ -305,11 +305,12 @@ def test_mirror_targets_are_the_targets_of_the_mirrored_image():
 
 
 def test_results_hold_only_for_the_prior_they_were_made_from(tmp_path, monkeypatch):
-    """results.py skips finished runs by name; after the bundled prior changes, its old runs, curves and
-    random-weights file must not pass for the new prior's."""
+    """results.py skips finished runs by name; after the bundled prior's weights change, its old runs, curves
+    and random-weights file must not pass for the new prior's."""
     import results
+    from safetensors.torch import save_file
     prior = tmp_path / "prior.safetensors"
-    prior.write_bytes(b"one prior")
+    save_file({"w": torch.zeros(3)}, str(prior), metadata={"diff2flow.tiny.command": "one"})
     monkeypatch.setattr(results, "TINY_PRIOR", str(prior))
     monkeypatch.setattr(results, "OUT", str(tmp_path / "results"))
     monkeypatch.setattr(results, "RUNS", str(tmp_path / "results" / "runs"))
@@ -317,7 +318,10 @@ def test_results_hold_only_for_the_prior_they_were_made_from(tmp_path, monkeypat
     results.check_prior()
     results.save_json([[0, 1.5]], "shift-fm-s0.json")
     assert results.load_json("shift-fm-s0.json") == [[0, 1.5]] and results.load_json("none.json") is None
-    prior.write_bytes(b"another prior")
+    save_file({"w": torch.zeros(3)}, str(prior), metadata={"diff2flow.tiny.command": "edited"})
+    results.prior_stamp.cache_clear()
+    assert results.load_json("shift-fm-s0.json") == [[0, 1.5]]    # the same weights: a metadata edit keeps results
+    save_file({"w": torch.ones(3)}, str(prior))
     results.prior_stamp.cache_clear()
     assert results.load_json("shift-fm-s0.json") is None          # remade, not reused
     with pytest.raises(SystemExit, match="holds runs of another tiny prior.*delete"):

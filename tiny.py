@@ -339,16 +339,14 @@ def sample_quality(unet, vae, context, held_rgb8, n=512, steps=50, seed=12345):
     (DDIM on the prior's own schedule, `steps` steps), and two references on the same n: other real
     held-out scenes (the floor of n samples) and their VAE reconstructions (what the autoencoder alone costs)."""
     import fd
+    import sample
     net = fd.load_features()
     ref, other = to_float(held_rgb8[n:]), to_float(held_rgb8[:n])
     target = fd.image_features(net, ref)
     noise = torch.randn(n, 4, ref.shape[-2] // 4, ref.shape[-1] // 4, generator=torch.Generator().manual_seed(seed))
-    d2f, lat = Diff2Flow("v", zero_snr=False), []
-    for i in range(0, n, 128):
-        part = noise[i:i + 128]
-        lat.append(d2f.sample(conditioned(unet, context.expand(len(part), -1, -1)), part, steps, "diffusion"))
-    samples = torch.cat([vae.decode(z) for z in torch.cat(lat).split(128)]).clamp(-1, 1)
-    recon = torch.cat([vae.decode(vae.encode(x)) for x in other.split(128)]).clamp(-1, 1)
+    lat = sample.generate(unet, Diff2Flow("v", zero_snr=False), context.expand(n, -1, -1), noise, steps, "diffusion", batch=128)
+    samples = sample.decode(vae, lat, batch=128)
+    recon = sample.decode(vae, torch.cat([vae.encode(x) for x in other.split(128)]), batch=128)
     return dict(fd_samples=fd.fd_between(fd.image_features(net, samples), target),
                 fd_real=fd.fd_between(fd.image_features(net, other), target),
                 fd_vae=fd.fd_between(fd.image_features(net, recon), target), n=n, steps=steps), samples
