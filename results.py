@@ -1,8 +1,8 @@
 """
 Regenerate the README's results on the bundled tiny prior: the paper's claims in miniature, on a CPU.
 
-    python results.py                  # about 2 hours on 2 CPU cores; run it again to continue
-    python results.py --part depth     # one part: alignment | transfer | depth | shift | reflow
+    python results.py                  # about 2.5 hours on 2 CPU cores; run it again to continue
+    python results.py --part depth     # one part: alignment | transfer | ceiling | depth | shift | reflow
 
 Finished runs are kept under results/runs/ and skipped; an interrupted one resumes from its last
 checkpoint. Everything lands in results/: one JSON per part, the figures, and RESULTS.md with the
@@ -11,6 +11,7 @@ tables the README shows.
      grid, from the same noise (close), against naive FM (far); with and without the zero-SNR rescale.
   2. transfer: does the prior know anything? The demo's depth finetuning from the prior and from the same
      architecture with random weights (same VAE, same file layout), equal steps, 3 seeds each.
+     ceiling: how much depth a plain regressor reads from these pixels at all (no prior), 3 seeds.
   3. depth: LoRA of rank 4 (small against the UNet's 32-64 channels) and full finetuning, equal
      steps, for the three objectives (3 seeds for LoRA), held-out AbsRel/δ1 against training steps
      (the paper's Fig. 8b in miniature), and an ablation: Diff2Flow's changes added to `diffusion` one
@@ -27,6 +28,8 @@ import os
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import tasks
 import train
@@ -161,6 +164,72 @@ def transfer():
     trivial = next(r for r in read_log(os.path.join(RUNS, "transfer-prior-s0")) if r["kind"] == "report_trivial")
     res["trivial"] = dict(abs_rel=trivial["abs_rel"], delta1=trivial["delta1"])
     save_json(res, "transfer.json")
+    return res
+
+
+class PixelRegressor(nn.Module):
+    """A small U-Net on pixels (no prior, no autoencoder) for E[normalised depth | image]: what a plain
+    regressor reads from these images, the bar any one-step depth prediction works under."""
+
+    def __init__(self, ch=16):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+        self.down = nn.ModuleList([block(3, ch), block(ch, 2 * ch), block(2 * ch, 4 * ch), block(4 * ch, 4 * ch)])
+        self.up = nn.ModuleList([block(8 * ch, 2 * ch), block(4 * ch, ch), block(2 * ch, ch)])
+        self.out = nn.Conv2d(ch, 1, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(F.avg_pool2d(x, 2) if i else x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = block(torch.cat([skip, F.interpolate(x, scale_factor=2)], 1))
+        return self.out(x).clamp(-1, 1)
+
+
+def ceiling(steps=2000, batch=32, train_scenes=2000, heldout=256, marks=(375, 750, 1500)):
+    """The demo's training scenes and held-out scenes, read by PixelRegressor trained with plain MSE, 3 seeds;
+    scored in the demo's final-table protocol after `marks` steps and at the end. 375 steps of batch 32 are
+    the demo's 12,000 samples (1,500 steps of batch 8), the end 64,000."""
+    import data
+    import depth_eval
+    from tqdm.auto import tqdm
+    hw = prior_hw()
+    train_set = data.RenderedDepthDataset.split("train", train_scenes, *hw)
+    items = [train_set[i] for i in range(train_scenes)]
+    rgb = torch.stack([it["rgb"] for it in items])
+    valid = torch.stack([it["valid"] for it in items])
+    depth = data.normalize_depth(torch.stack([it["depth"] for it in items]), valid)[0]    # log, as the demo trains
+    held = data.RenderedDepthDataset.split("heldout", heldout, *hw)
+    res = {}
+    for seed in TRANSFER_SEEDS:
+        torch.manual_seed(seed)
+        net = PixelRegressor()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+        curve = []
+        for step in tqdm(range(1, steps + 1), desc=f"ceiling seed {seed}", mininterval=10):
+            idx = torch.randint(0, train_scenes, (batch,))
+            x, y, m = rgb[idx], depth[idx], valid[idx]
+            if torch.rand(()) < 0.5:   # mirror images are scenes too
+                x, y, m = x.flip(-1), y.flip(-1), m.flip(-1)
+            loss = ((net(x) - y) ** 2 * m).sum() / m.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step in marks or step == steps:
+                with torch.no_grad():
+                    curve.append(dict(step=step, samples=step * batch,
+                                      **depth_eval.evaluate(net.eval(), held, space="log", desc="ceiling")))
+                net.train()
+        res[f"seed{seed}"] = curve
+    mean_map = data.mean_normalized_depth(train_set, n=500)    # as tasks.DepthTask.trivial
+    res["trivial"] = depth_eval.evaluate(lambda x: mean_map.expand(x.shape[0], -1, -1, -1), held, space="log")
+    res.update(steps=steps, batch=batch, train_scenes=train_scenes)
+    save_json(res, "ceiling.json")
     return res
 
 
@@ -415,7 +484,7 @@ def reflow(steps):
 
 # ---------------------------------------------------------------------------------------------------
 
-def markdown(alignment_rows=None, transfer_res=None, depth_res=None, shift_res=None, reflow_res=None):
+def markdown(alignment_rows=None, transfer_res=None, ceiling_res=None, depth_res=None, shift_res=None, reflow_res=None):
     lines = []
     pm = lambda a: f"{np.mean(a):.3f} ± {np.std(a):.3f}"   # mean ± std over seeds
     if alignment_rows:
@@ -436,6 +505,15 @@ def markdown(alignment_rows=None, transfer_res=None, depth_res=None, shift_res=N
                      f"| {r['end']['abs_rel']:.3f} | {r['end']['delta1']:.3f} |")
         t = transfer_res["trivial"]
         lines += [f"| mean training depth map | | | {t['abs_rel']:.3f} | {t['delta1']:.3f} |", ""]
+    if ceiling_res:
+        curves = [ceiling_res[f"seed{s}"] for s in TRANSFER_SEEDS]
+        t = ceiling_res["trivial"]
+        lines += ["| read from pixels, no prior (3 seeds) | training samples | AbsRel ↓ | δ1 ↑ |", "|---|---|---|---|"]
+        for j, mark in enumerate(curves[0]):
+            lines.append(f"| plain regressor, step {mark['step']} of batch {ceiling_res['batch']} | {mark['samples']:,} | "
+                         f"{pm([c[j]['abs_rel'] for c in curves])} | {pm([c[j]['delta1'] for c in curves])} |")
+        lines += [f"| mean training depth map | | {t['abs_rel']:.3f} | {t['delta1']:.3f} |",
+                  f"| the issue's demo bar (15% under it, +0.05) | | {0.85 * t['abs_rel']:.3f} | {t['delta1'] + 0.05:.3f} |", ""]
     if shift_res:
         marks = [k for k, _ in shift_res["curves"][f"shift-diffusion-s{LORA_SEEDS[0]}"]]
         lines += ["| objective | " + " | ".join(f"FD at step {k}" for k in marks) + " |", "|---" * (len(marks) + 1) + "|"]
@@ -490,7 +568,8 @@ def check_prior():
         f.write(stamp + "\n")
 
 
-PARTS = dict(alignment="alignment_rows", transfer="transfer_res", depth="depth_res", shift="shift_res", reflow="reflow_res")
+PARTS = dict(alignment="alignment_rows", transfer="transfer_res", ceiling="ceiling_res", depth="depth_res", shift="shift_res",
+             reflow="reflow_res")
 
 
 def main(argv=None):
@@ -502,7 +581,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     check_prior()
-    run = dict(alignment=alignment, transfer=transfer, depth=lambda: depth(args.steps),
+    run = dict(alignment=alignment, transfer=transfer, ceiling=ceiling, depth=lambda: depth(args.steps),
                shift=lambda: shift(args.shift_steps), reflow=lambda: reflow(args.reflow_steps))
     for name in PARTS:
         if args.part in ("all", name):
