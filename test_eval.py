@@ -310,20 +310,29 @@ def test_results_hold_only_for_the_prior_they_were_made_from(tmp_path, monkeypat
     import results
     from safetensors.torch import save_file
     prior = tmp_path / "prior.safetensors"
-    save_file({"w": torch.zeros(3)}, str(prior), metadata={"diff2flow.tiny.command": "one"})
+    save_file({"w": torch.zeros(3)}, str(prior), metadata={"diff2flow.tiny.command": "one", "diff2flow.res": "16x24"})
     monkeypatch.setattr(results, "TINY_PRIOR", str(prior))
     monkeypatch.setattr(results, "OUT", str(tmp_path / "results"))
     monkeypatch.setattr(results, "RUNS", str(tmp_path / "results" / "runs"))
-    results.prior_stamp.cache_clear()
+    caches = (results.prior_stamp, results.prior_hw, results.scenes_stamp)
+    for c in caches:
+        c.cache_clear()
     results.check_prior()
     results.save_json([[0, 1.5]], "shift-fm-s0.json")
+    results.save_json({"a": 1}, "ceiling.json", results.scenes_stamp)
     assert results.load_json("shift-fm-s0.json") == [[0, 1.5]] and results.load_json("none.json") is None
-    save_file({"w": torch.zeros(3)}, str(prior), metadata={"diff2flow.tiny.command": "edited"})
+    assert results.load_json("ceiling.json") is None               # stamped with the scenes, not the prior
+    save_file({"w": torch.zeros(3)}, str(prior), metadata={"diff2flow.tiny.command": "edited", "diff2flow.res": "16x24"})
     results.prior_stamp.cache_clear()
     assert results.load_json("shift-fm-s0.json") == [[0, 1.5]]    # the same weights: a metadata edit keeps results
-    save_file({"w": torch.ones(3)}, str(prior))
+    save_file({"w": torch.ones(3)}, str(prior), metadata={"diff2flow.res": "16x24"})
     results.prior_stamp.cache_clear()
     assert results.load_json("shift-fm-s0.json") is None          # remade, not reused
+    assert results.load_json("ceiling.json", results.scenes_stamp) == {"a": 1}   # the ceiling never used the prior
+    save_file({"w": torch.ones(3)}, str(prior), metadata={"diff2flow.res": "24x32"})
+    results.prior_hw.cache_clear(), results.scenes_stamp.cache_clear()
+    assert results.load_json("ceiling.json", results.scenes_stamp) is None       # other scenes: remade
     with pytest.raises(SystemExit, match="holds runs of another tiny prior.*delete"):
         results.check_prior()
-    results.prior_stamp.cache_clear()
+    for c in caches:
+        c.cache_clear()
