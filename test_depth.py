@@ -185,11 +185,11 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
     """End to end on the bundled tiny prior: AbsRel on 256 held-out scenes (never trained on) drops below
-    the untouched prior's after the README's demo cut to 400 steps (LoRA rank 64, multi-resolution noise,
+    the untouched prior's after the README's demo cut to 400 steps of batch 8 (LoRA rank 64, multi-resolution noise,
     logit-normal times: the README's depth section says why the tiny prior needs both)."""
     import data
     run = str(tmp_path / "tiny")
-    train.main(["--ckpt", TINY_PRIOR, "--steps", "400", "--lora-rank", "64", "--train-scenes", "1000", "--val-steps", "1",
+    train.main(["--ckpt", TINY_PRIOR, "--steps", "400", "--batch-size", "8", "--lora-rank", "64", "--train-scenes", "1000", "--val-steps", "1",
                 "--val-every", "1000", "--report-scenes", "0", "--out", run])
     m, prior = sample.load_run(run, TINY_PRIOR), sample.load_run(None, TINY_PRIOR)
     heldout = data.RenderedDepthDataset.split("heldout", 256, *native_res(m.meta, None))   # the run's size, recorded
@@ -201,7 +201,7 @@ def test_finetuning_the_tiny_prior_improves_heldout_depth(tmp_path):
 
     before, after = score(prior, widen_input_conv(prior.unet, 8)), score(m, m.unet)
     print(f"held-out AbsRel (256 scenes): untouched prior {before:.4f}, after 400 steps {after:.4f}")
-    assert after < before - 0.01           # measured: 0.351 -> 0.323
+    assert after < before - 0.02           # measured: 0.337 -> 0.294 (fourth prior; the third: 0.351 -> 0.323)
 
 
 def test_multires_noise_trains_and_samples_from_the_same_source(tiny_ckpt, tmp_path, monkeypatch):

@@ -87,7 +87,7 @@ def test_sd_defaults_are_the_papers_and_printed():
     assert (args.grad_accum, args.lr) == (4, 3e-5) and "4 per process x 4 accumulation x 2 processes" in lines[-1]
     args = train.parse_args(["--task", "depth"])
     train.apply_defaults(args, dict(tiny=True), 1, lines.append)    # the CPU demo keeps its own
-    assert (args.steps, args.batch_size, args.grad_accum, args.lr, args.ema) == (1500, 8, 1, 1e-3, 0.0)
+    assert (args.steps, args.batch_size, args.grad_accum, args.lr, args.ema) == (1500, 16, 1, 1e-3, 0.0)
 
 
 @pytest.mark.parametrize("rank,targets,want_m,paper", [(64, None, 61.5, "small"), (0.2, None, 217.3, "base"),
