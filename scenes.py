@@ -96,8 +96,8 @@ def _draw_scene(rng):
     # keep floor or horizon in view, texture cells of 0.2 m or more (finer ones alias to noise at 48x64)
     # and objects of their own size resting on the floor. The wider family these replaced (roll std 8 deg,
     # pitch -50..45 / -60..15, cells from 8 cm, foreground objects sized in proportion to their distance
-    # and floating half the time) left a plain pixel regressor 14% under the mean depth map and +0.03 in
-    # delta1 after 48,000 samples; this one 18% and +0.10 (README, results.py --part ceiling).
+    # and floating half the time) left a plain pixel regressor 12% under the mean depth map and +0.02 in
+    # delta1 after 48,000 samples of 2,000 scenes; this one 17% and +0.08 (README, results.py --part ceiling).
     yaw, roll = rng.uniform(0, 2 * np.pi), np.deg2rad(rng.normal(0, 3))
     if rng.random() < 0.5:  # a closed room
         scene["kind"] = "room"
