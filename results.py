@@ -588,6 +588,7 @@ def check_prior():
 
 PARTS = dict(alignment="alignment_rows", transfer="transfer_res", ceiling="ceiling_res", depth="depth_res", shift="shift_res",
              reflow="reflow_res")
+STAMPS = dict(ceiling=scenes_stamp)     # parts that never use the prior; the others hold for its weights only
 
 
 def main(argv=None):
@@ -605,7 +606,7 @@ def main(argv=None):
         if args.part in ("all", name):
             run[name]()
     # the tables of every part done so far (parts may run in separate processes or sessions)
-    found = {key: load_json(f"{name}.json", scenes_stamp if name == "ceiling" else prior_stamp) for name, key in PARTS.items()}
+    found = {key: load_json(f"{name}.json", STAMPS.get(name, prior_stamp)) for name, key in PARTS.items()}
     found = {key: res for key, res in found.items() if res is not None}
     path = os.path.join(OUT, "RESULTS.md")
     with open(path + ".tmp", "w") as f:

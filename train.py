@@ -424,16 +424,14 @@ def apply_defaults(args, info, world, log):
     Printed, so a run says what it trains with."""
     tiny = info["tiny"]
     paper = SD_DEFAULTS[args.task]
-    if tiny:                 # the demo: its batch as is, no EMA, LoRA at a CPU-sized learning rate
-        paper = dict(batch=None, lr=1e-3 if args.lora_rank != 0 else 3e-5, decay="cosine", steps=1500, caption_dropout=0.1)
+    if tiny:                 # the demo: its batch in one process, no EMA, LoRA at a CPU-sized learning rate
+        paper = dict(batch=TINY_DEPTH_BATCH if args.task == "depth" else SD_BATCH, lr=1e-3 if args.lora_rank != 0 else 3e-5,
+                     decay="cosine", steps=1500, caption_dropout=0.1)
     for name in ("steps", "lr", "decay", "caption_dropout"):
         if getattr(args, name) is None:
             setattr(args, name, paper[name])
     if args.batch_size is None:
-        if tiny:
-            args.batch_size = TINY_DEPTH_BATCH if args.task == "depth" else SD_BATCH
-        else:
-            args.batch_size = max(1, min(SD_BATCH, paper["batch"] // (world * (args.grad_accum or 1))))
+        args.batch_size = paper["batch"] if tiny else max(1, min(SD_BATCH, paper["batch"] // (world * (args.grad_accum or 1))))
     if args.grad_accum is None:
         args.grad_accum = 1 if tiny else max(1, math.ceil(paper["batch"] / (args.batch_size * world)))
     if args.ema is None:
