@@ -496,3 +496,14 @@ def test_tiny_recipe_end_to_end_and_vae_from(tmp_path):
     meta_b = read_metadata(second)
     assert meta_b["diff2flow.tiny.vae_from"] == first and meta_b["diff2flow.tiny.latent_fold_c"] == "1.000000"
     assert ck.native_res(meta_b, None) == (32, 48)
+
+
+def test_chroma_is_the_colour_range_a_reconstruction_keeps():
+    """tiny.py's chroma(): 0 for grey, 1 for saturated primaries, halved when an image is mixed half-way to grey,
+    and blind to brightness (which PSNR is not), so its before/after ratio isolates a greying autoencoder."""
+    import tiny
+    red = torch.tensor([1.0, -1.0, -1.0])[None, :, None, None].expand(2, 3, 4, 4)
+    grey = torch.full((2, 3, 4, 4), 0.2)
+    assert tiny.chroma(grey) == 0 and abs(tiny.chroma(red) - 1) < 1e-6
+    assert abs(tiny.chroma(0.5 * red + 0.5 * grey) - 0.5) < 1e-6
+    assert abs(tiny.chroma((red * 0.5 - 0.3)) - tiny.chroma(red * 0.5)) < 1e-6

@@ -235,12 +235,19 @@ def fold_latent_scale(vae, s):
     return c
 
 
+def chroma(x):
+    """Mean per-pixel colour range (max - min over RGB, in [0, 1] units) of (B, 3, H, W) images in [-1, 1]:
+    PSNR hides an autoencoder that greys the scenes out; the ratio of this before and after does not."""
+    return (x.amax(1) - x.amin(1)).mean().item() / 2
+
+
 @torch.no_grad()
 def evaluate_vae(vae, held):
     """Reconstruction error on held-out scenes: RGB and normalised depth in [-1, 1] units, and depth
     AbsRel/delta1 of the reconstruction (a) de-normalised with the image's own quantiles and (b) aligned
     in log space as depth_eval.evaluate_depth does for models. `floor` = the same numbers for the
-    un-reconstructed normalised depth (the quantile clipping alone)."""
+    un-reconstructed normalised depth (the quantile clipping alone). rgb_chroma_kept: the share of the
+    scenes' colour range (chroma) the reconstruction keeps, 1 = all."""
     rgb = to_float(held["rgb"])
     rec_rgb = vae.decode(vae.encode(rgb))
     dn = held["dnorm"].float()
@@ -248,6 +255,7 @@ def evaluate_vae(vae, held):
     v = held["valid"]
     r = dict(rgb_mse=F.mse_loss(rec_rgb, rgb).item(), rgb_mae=(rec_rgb - rgb).abs().mean().item(),
              rgb_psnr=(10 * torch.log10(4 / ((rec_rgb.clamp(-1, 1) - rgb) ** 2).mean((1, 2, 3)))).mean().item(),
+             rgb_chroma_kept=chroma(rec_rgb.clamp(-1, 1)) / chroma(rgb),
              depth_mse=((rec_dn - dn) ** 2)[v].mean().item(), depth_mae=(rec_dn - dn).abs()[v].mean().item())
     _, lo, hi = normalize_depth(held["depth"], v, "log")
     acc = {k: [] for k in ("denorm", "aligned", "floor_denorm", "floor_aligned")}
