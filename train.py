@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", default="64", help="int, fraction of each layer's width (0.2 = the paper's 20%%), or 0 = full finetuning")
     p.add_argument("--lora-alpha", default=None, type=float, help="LoRA alpha; default = rank (scale 1)")
     p.add_argument("--no-full-convs", action="store_true", help="do not train the (widened) first and the last conv in full")
-    p.add_argument("--steps", default=None, type=int, help="optimizer steps (default: 1500 on the tiny prior, 20000 on SD)")
+    p.add_argument("--steps", default=None, type=int, help="optimizer steps (default: 1500 on the tiny prior, 2000 for "
+                   "its depth demo, 20000 on SD)")
     p.add_argument("--batch-size", default=None, type=int, help="per process and micro-step (default 8; 16 for "
                    "depth on the tiny prior)")
     p.add_argument("--grad-accum", default=None, type=int, help="micro-steps per optimizer step (default: 1 on the "
@@ -74,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--hypersim-split", default=None, help="its split file (default ROOT/filename_list_train.txt)")
     p.add_argument("--vkitti", default=None, help="Virtual KITTI 2 root")
     p.add_argument("--vkitti-split", default=None, help="its split file (default ROOT/vkitti_train.txt)")
-    p.add_argument("--train-scenes", default=2000, type=int, help="rendered training scenes when no data set is given")
+    p.add_argument("--train-scenes", default=None, type=int, help="rendered training scenes when no data set is given "
+                   f"(default {TINY_TRAIN_SCENES} on the tiny prior, {SD_TRAIN_SCENES} on SD, where they only smoke-test the path)")
     p.add_argument("--data", default=None, help="t2i: image folder with <stem>.txt captions")
     p.add_argument("--manifest", default=None, help="t2i: JSONL manifest {file, text} instead of .txt captions")
     p.add_argument("--caption-dropout", default=None, type=float, help="t2i/reflow: share of empty captions (for CFG; "
@@ -416,6 +418,9 @@ SD_DEFAULTS = {
 }
 SD_BATCH = 8             # per process on SD (a memory estimate for 384x512 on 80 GB); accumulation makes up the rest
 TINY_DEPTH_BATCH = 16    # the CPU depth demo: on 2 cores a step at 16 costs about one at 8, and depth gains with samples
+TINY_DEPTH_STEPS = 2000  # ... and with steps, up to what fits 10 minutes on 2 cores (README, depth on the tiny prior)
+TINY_TRAIN_SCENES = 8000 # rendered scenes are free data: more of them, fewer epochs (README)
+SD_TRAIN_SCENES = 2000   # rendered scenes at SD's 384x512 only smoke-test the path (real data is --hypersim/--vkitti)
 SD_EMA = 0.999           # the official configs' EMA; validation, sampling and the saved LoRA use it
 
 
@@ -425,8 +430,9 @@ def apply_defaults(args, info, world, log):
     tiny = info["tiny"]
     paper = SD_DEFAULTS[args.task]
     if tiny:                 # the demo: its batch in one process, no EMA, LoRA at a CPU-sized learning rate
-        paper = dict(batch=TINY_DEPTH_BATCH if args.task == "depth" else SD_BATCH, lr=1e-3 if args.lora_rank != 0 else 3e-5,
-                     decay="cosine", steps=1500, caption_dropout=0.1)
+        depth = args.task == "depth"
+        paper = dict(batch=TINY_DEPTH_BATCH if depth else SD_BATCH, lr=1e-3 if args.lora_rank != 0 else 3e-5,
+                     decay="cosine", steps=TINY_DEPTH_STEPS if depth else 1500, caption_dropout=0.1)
     for name in ("steps", "lr", "decay", "caption_dropout"):
         if getattr(args, name) is None:
             setattr(args, name, paper[name])
@@ -436,6 +442,8 @@ def apply_defaults(args, info, world, log):
         args.grad_accum = 1 if tiny else max(1, math.ceil(paper["batch"] / (args.batch_size * world)))
     if args.ema is None:
         args.ema = 0.0 if tiny else SD_EMA
+    if args.train_scenes is None:
+        args.train_scenes = TINY_TRAIN_SCENES if tiny else SD_TRAIN_SCENES
     if args.val_every is None:
         args.val_every = max(1, args.steps // 4)
     if args.cache_dir is None:
