@@ -207,9 +207,9 @@ class PixelRegressor(nn.Module):
 
 
 def ceiling(steps=2000, batch=32, train_scenes=2000, heldout=256, marks=(375, 750, 1500)):
-    """The demo's training scenes and held-out scenes, read by PixelRegressor trained with plain MSE, 3 seeds;
-    scored in the demo's final-table protocol after `marks` steps and at the end. 750 steps of batch 32 are
-    the demo's 24,000 samples (1,500 steps of batch 16), the end 64,000."""
+    """2,000 training scenes (the demo's until it moved to 8,000, README) and the demo's held-out scenes, read
+    by PixelRegressor trained with plain MSE, 3 seeds; scored in the demo's final-table protocol after `marks`
+    steps and at the end: 12,000 / 24,000 / 48,000 samples (1,500 steps of batch 8 / 16 / 32), the end 64,000."""
     import data
     import depth_eval
     from tqdm.auto import tqdm

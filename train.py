@@ -416,12 +416,12 @@ SD_DEFAULTS = {
     "t2i": dict(batch=64, lr=1e-5, decay="none", steps=20_000, caption_dropout=0.02),      # Table 1, SD 2.1
     "reflow": dict(batch=128, lr=2e-5, decay="cosine", steps=60_000, caption_dropout=0.1),  # Table 3, SD 1.5
 }
-SD_BATCH = 8             # per process on SD (a memory estimate for 384x512 on 80 GB); accumulation makes up the rest
-TINY_DEPTH_BATCH = 16    # the CPU depth demo: on 2 cores a step at 16 costs about one at 8, and depth gains with samples
-TINY_DEPTH_STEPS = 2000  # ... and with steps, up to what fits 10 minutes on 2 cores (README, depth on the tiny prior)
-TINY_TRAIN_SCENES = 8000 # rendered scenes are free data: more of them, fewer epochs (README)
-SD_TRAIN_SCENES = 2000   # rendered scenes at SD's 384x512 only smoke-test the path (real data is --hypersim/--vkitti)
-SD_EMA = 0.999           # the official configs' EMA; validation, sampling and the saved LoRA use it
+SD_BATCH = 8              # per process on SD (a memory estimate for 384x512 on 80 GB); accumulation makes up the rest
+TINY_DEPTH_BATCH = 16     # the CPU depth demo: on 2 cores a step at 16 costs about one at 8, and depth gains with samples
+TINY_DEPTH_STEPS = 2000   # ... and with steps, up to what fits 10 minutes on 2 cores (README, depth on the tiny prior)
+TINY_TRAIN_SCENES = 8000  # rendered scenes are free data: more of them, fewer epochs (README)
+SD_TRAIN_SCENES = 2000    # rendered scenes at SD's 384x512 only smoke-test the path (real data is --hypersim/--vkitti)
+SD_EMA = 0.999            # the official configs' EMA; validation, sampling and the saved LoRA use it
 
 
 def apply_defaults(args, info, world, log):
