@@ -215,7 +215,7 @@ def ceiling(steps=2000, batch=32, train_scenes=train.TINY_TRAIN_SCENES, heldout=
     from tqdm.auto import tqdm
     done = load_json("ceiling.json", scenes_stamp)
     if done is not None and (done["steps"], done["batch"], done["train_scenes"]) == (steps, batch, train_scenes):
-        return done              # 40 minutes, and nothing in it depends on the prior
+        return done              # 30 minutes, and nothing in it depends on the prior
     hw = prior_hw()
     train_set = data.RenderedDepthDataset.split("train", train_scenes, *hw)
     items = [train_set[i] for i in range(train_scenes)]
