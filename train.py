@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", default=None, type=float, help="LoRA alpha; default = rank (scale 1)")
     p.add_argument("--no-full-convs", action="store_true", help="do not train the (widened) first and the last conv in full")
     p.add_argument("--steps", default=None, type=int, help="optimizer steps (default: 1500 on the tiny prior, 2000 for "
-                   "its depth demo, 20000 on SD)")
+                   "its depth demo; on SD the paper's, 20000, 60000 for reflow)")
     p.add_argument("--batch-size", default=None, type=int, help="per process and micro-step (default 8; 16 for "
                    "depth on the tiny prior)")
     p.add_argument("--grad-accum", default=None, type=int, help="micro-steps per optimizer step (default: 1 on the "
