@@ -284,9 +284,41 @@ def read_log(run):
         return [json.loads(line) for line in f]
 
 
+# train.py settings that say where or how a run went, not what it learnt: a run that differs only in these is reused
+WHERE_NOT_WHAT = ("out", "resume", "device", "compile", "workers", "cache_dir", "no_cache", "grad_checkpointing",
+                  "save_every")
+
+
+def changed_settings(out, args):
+    """(flag, the run's, now's) for each setting in which the run in `out` differs from `train.py args` today,
+    with train.py's current defaults filled in (as train.py saved them in its checkpoint): a run made
+    before a default changed is then not taken for one of today's. Paths compare by file name, since
+    results/runs/ may have been moved; which prior they name is check_prior's job."""
+    ckpt = train.latest_checkpoint(out)
+    if ckpt is None:
+        return []
+    saved = torch.load(os.path.join(ckpt, train.STATE_FILE), map_location="cpu", weights_only=True).get("args", {})
+    now = train.parse_args(args)
+    train.apply_defaults(now, {"tiny": True}, 1, lambda *a, **k: None)   # results.py runs on the tiny prior only
+    if now.lora_rank != 0:                                                  # as train.build spells them out
+        now.lora_targets = ",".join(train.parse_targets(now.lora_targets, now.lora_rank)[1])
+    saved["ckpt"], now.ckpt = saved.get("ckpt") or TINY_PRIOR, now.ckpt or TINY_PRIOR   # no --ckpt: the tiny prior here
+    same = lambda a, b: a == b or (isinstance(a, str) and isinstance(b, str) and os.path.basename(a) == os.path.basename(b))
+    unused = () if now.task == "depth" else ("train_scenes",)   # filled in for every task, read by depth only
+    return [("--" + k.replace("_", "-"), saved[k], v) for k, v in sorted(vars(now).items())
+            if k not in WHERE_NOT_WHAT + unused and k in saved and not same(saved[k], v)]
+
+
 def run_once(name, args, steps):
-    """Train one configuration unless it already finished; resume it if it was interrupted."""
+    """Train one configuration unless it already finished; resume it if it was interrupted. A run folder
+    made with other settings (train.py's defaults changed since, say) is refused, not reused."""
     out = os.path.join(RUNS, name)
+    changed = changed_settings(out, args)
+    if changed:
+        flag, theirs, mine = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(c[0] for c in changed[1:])})" if len(changed) > 1 else ""
+        raise SystemExit(f"results.py: {out} was trained with {flag} {theirs}, train.py now gives {mine}{more}: "
+                         f"delete {out} to train it again with today's settings")
     log = read_log(out)
     if steps is None:   # a run of train.py's default length: finished once its final table is written
         if any(r["kind"] == "report" and r["step"] > 0 for r in log):

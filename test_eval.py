@@ -336,3 +336,22 @@ def test_results_hold_only_for_the_prior_they_were_made_from(tmp_path, monkeypat
         results.check_prior()
     for c in caches:
         c.cache_clear()
+
+
+def test_results_refuse_a_finished_run_made_with_other_settings(tiny_ckpt, tmp_path, monkeypatch):
+    """results.py reuses a finished run by name; a run made before one of train.py's defaults changed must
+    be refused with the flag and the fix, not taken for today's. Where it was trained does not count."""
+    import results
+    monkeypatch.setattr(results, "RUNS", str(tmp_path))
+    monkeypatch.setattr(train, "TINY_DEPTH_STEPS", 2)
+    args = ["--ckpt", tiny_ckpt, "--task", "depth", *FAST]        # --steps left to train.py's default
+    results.run_once("r", args, None)
+    log = (tmp_path / "r" / train.LOG_FILE).read_text()
+    assert [r["step"] for r in results.read_log(str(tmp_path / "r")) if r["kind"] == "report"][-1] == 2
+    results.run_once("r", [*args, "--save-every", "1", "--workers", "0"], None)    # reused: nothing trained again
+    assert (tmp_path / "r" / train.LOG_FILE).read_text() == log
+    monkeypatch.setattr(train, "TINY_DEPTH_STEPS", 3)             # the default moves on
+    with pytest.raises(SystemExit, match=r"/r was trained with --steps 2, train.py now gives 3: delete .*/r to train"):
+        results.run_once("r", args, None)
+    with pytest.raises(SystemExit, match=r"--lora-rank 4, train.py now gives 8 \(and 1 more: --steps\)"):
+        results.run_once("r", [*args, "--lora-rank", "8"], None)
