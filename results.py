@@ -300,8 +300,6 @@ def changed_settings(out, args):
     saved = torch.load(os.path.join(ckpt, train.STATE_FILE), map_location="cpu", weights_only=True).get("args", {})
     now = train.parse_args(args)
     train.apply_defaults(now, {"tiny": True}, 1, lambda *a, **k: None)   # results.py runs on the tiny prior only
-    if now.lora_rank != 0:                                                  # as train.build spells them out
-        now.lora_targets = ",".join(train.parse_targets(now.lora_targets, now.lora_rank)[1])
     saved["ckpt"], now.ckpt = saved.get("ckpt") or TINY_PRIOR, now.ckpt or TINY_PRIOR   # no --ckpt: the tiny prior here
     same = lambda a, b: a == b or (isinstance(a, str) and isinstance(b, str) and os.path.basename(a) == os.path.basename(b))
     unused = () if now.task == "depth" else ("train_scenes",)   # filled in for every task, read by depth only

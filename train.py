@@ -236,7 +236,6 @@ def build(args, log=print):
     else:
         full = () if args.no_full_convs or args.task != "depth" else (CONV_IN, CONV_OUT)
         preset, groups = parse_targets(args.lora_targets, args.lora_rank)
-        args.lora_targets = ",".join(groups)
         n_lora = len(inject_lora(unet, args.lora_rank, args.lora_alpha, targets=groups, full_train=full))
     unet.set_options(use_checkpoint=args.grad_checkpointing)
     n_train = sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -246,7 +245,7 @@ def build(args, log=print):
     if bundled:
         log("no SD checkpoint given or found: using the bundled tiny prior" + (" and procedurally rendered scenes"
             if args.task == "depth" else "") + " (pass --ckpt v2-1_768-ema-pruned.safetensors and real data for the paper's setting)")
-    what = "full finetuning" if args.lora_rank == 0 else f"LoRA rank {args.lora_rank} on {n_lora} layers ({args.lora_targets})"
+    what = "full finetuning" if args.lora_rank == 0 else f"LoRA rank {args.lora_rank} on {n_lora} layers ({','.join(groups)})"
     log(f"{what}: {n_train / 1e6:.2f} M of {n_all / 1e6:.2f} M UNet parameters trained")
     if args.lora_rank != 0 and sd.family in ("sd1", "sd2") and preset in PAPER_TRAINED:
         log(f"  the paper's 'LoRA {preset}' setting trains {PAPER_TRAINED[preset] / 1e6:.0f} M (Table 4)")
@@ -444,6 +443,8 @@ def apply_defaults(args, info, world, log):
         args.ema = 0.0 if tiny else SD_EMA
     if args.train_scenes is None:
         args.train_scenes = TINY_TRAIN_SCENES if tiny else SD_TRAIN_SCENES
+    if args.lora_rank != 0:      # the groups spelled out: what the metadata records and --resume compares
+        args.lora_targets = ",".join(parse_targets(args.lora_targets, args.lora_rank)[1])
     if args.val_every is None:
         args.val_every = max(1, args.steps // 4)
     if args.cache_dir is None:
