@@ -158,9 +158,17 @@ def random_unet_checkpoint(path=RANDOM_UNET, seed=0):
     return path
 
 
-def final_report(name):
-    """The run's last 256-scene report (sample.py's protocol), and the step-0 one (the untouched model)."""
-    reports = [r for r in read_log(os.path.join(RUNS, name)) if r["kind"] == "report"]
+def final_report(name, args):
+    """The run's last 256-scene report (sample.py's protocol), and the step-0 one (the untouched model),
+    refused if they were read with other sampling steps than train.py `args` reads them with today."""
+    out = os.path.join(RUNS, name)
+    reports = [r for r in read_log(out) if r["kind"] == "report"]
+    want = resolved_args(args).report_steps
+    for r in (reports[0], reports[-1]):
+        steps = r.get("steps", 2)        # tables written before their rows said so were read with 2 steps
+        if (steps, r.get("ensemble", tasks.REPORT_ENSEMBLE)) != (want, tasks.REPORT_ENSEMBLE):
+            raise SystemExit(f"results.py: {out}'s table at step {r['step']} was read with {steps} steps, train.py "
+                             f"now reads it with {want} (--report-steps): delete {out} to run it again")
     return reports[0], reports[-1]
 
 
@@ -173,8 +181,9 @@ def transfer():
     runs["transfer-aswritten-s0"] = ["--ckpt", TINY_PRIOR, "--seed", "0", "--multires-noise", "0", "--t-density", "uniform"]
     res = {}
     for name, args in runs.items():
-        run_once(name, ["--task", "depth", "--lora-rank", "64", *args], None)
-        start, end = final_report(name)
+        args = ["--task", "depth", "--lora-rank", "64", *args]
+        run_once(name, args, None)
+        start, end = final_report(name, args)
         res[name] = dict(start=start, end=end)
     trivial = next(r for r in read_log(os.path.join(RUNS, "transfer-prior-s0")) if r["kind"] == "report_trivial")
     res["trivial"] = dict(abs_rel=trivial["abs_rel"], delta1=trivial["delta1"])
@@ -289,6 +298,13 @@ WHERE_NOT_WHAT = ("out", "resume", "device", "compile", "workers", "cache_dir", 
                   "save_every")
 
 
+def resolved_args(args):
+    """train.py's settings for `args`, its current defaults filled in (results.py runs on the tiny prior only)."""
+    now = train.parse_args(args)
+    train.apply_defaults(now, {"tiny": True}, 1, lambda *a, **k: None)
+    return now
+
+
 def changed_settings(out, args):
     """(flag, the run's, now's) for each setting in which the run in `out` differs from `train.py args` today,
     with train.py's current defaults filled in (as train.py saved them in its checkpoint): a run made
@@ -298,8 +314,7 @@ def changed_settings(out, args):
     if ckpt is None:
         return []
     saved = torch.load(os.path.join(ckpt, train.STATE_FILE), map_location="cpu", weights_only=True).get("args", {})
-    now = train.parse_args(args)
-    train.apply_defaults(now, {"tiny": True}, 1, lambda *a, **k: None)   # results.py runs on the tiny prior only
+    now = resolved_args(args)
     saved["ckpt"], now.ckpt = saved.get("ckpt") or TINY_PRIOR, now.ckpt or TINY_PRIOR   # no --ckpt: the tiny prior here
     same = lambda a, b: a == b or (isinstance(a, str) and isinstance(b, str) and os.path.basename(a) == os.path.basename(b))
     unused = () if now.task == "depth" else ("train_scenes",)   # filled in for every task, read by depth only

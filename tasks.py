@@ -26,7 +26,7 @@ from checkpoint import parse_hw
 from diff2flow import multires_noise
 
 VAL_SCENES = 64          # held-out items scored at each validation (rendered: disjoint seeds from training)
-REPORT_STEPS, REPORT_ENSEMBLE = 2, 4   # depth's final table: what `python sample.py --steps 2` predicts
+REPORT_ENSEMBLE = 4   # depth's final table: what `python sample.py --steps N` predicts (N: train.py --report-steps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,9 +228,10 @@ class DepthTask:
         recs = []
         if step == 0:
             recs.append(dict(kind="report_trivial", **self.trivial(self.report_set)))
-        recs.append(dict(kind="report", **self._scores(lambda part: sample.evaluate_heldout(
-            unet, self.vae, self.d2f, self.context, part, self.args.objective, REPORT_STEPS, norm=self.args.norm,
-            ensemble=REPORT_ENSEMBLE, multires=self.args.multires_noise), self.report_set)))
+        recs.append(dict(kind="report", steps=self.args.report_steps, ensemble=REPORT_ENSEMBLE, **self._scores(
+            lambda part: sample.evaluate_heldout(unet, self.vae, self.d2f, self.context, part, self.args.objective,
+                                                 self.args.report_steps, norm=self.args.norm, ensemble=REPORT_ENSEMBLE,
+                                                 multires=self.args.multires_noise), self.report_set)))
         return recs
 
     def validate(self, unet, step):
@@ -254,8 +255,8 @@ class DepthTask:
             log(f"\nvalidation ({how}): untouched prior {vals[0]['abs_rel']:.4f}, mean depth map "
                 f"{trivial['abs_rel']:.4f}, finetuned {vals[-1]['abs_rel']:.4f} AbsRel")
             table = (reports[0], [r for r in records if r["kind"] == "report_trivial"][-1], reports[-1])
-            how = (f"{len(self.report_set)} items, {REPORT_STEPS} steps, ensemble {REPORT_ENSEMBLE}, "
-                   f"as python sample.py --steps {REPORT_STEPS}")
+            how = (f"{len(self.report_set)} items, {self.args.report_steps} steps, ensemble {REPORT_ENSEMBLE}, "
+                   f"as python sample.py --steps {self.args.report_steps}")
         log(f"\nheld-out depth ({how}; alignment in {space} space):")
         log(f"  {'':34s} AbsRel ↓  δ1 ↑")
         for name, r in zip(("untouched prior", "trivial baseline (mean depth map)",

@@ -78,8 +78,11 @@ def test_resume_continues_exactly(tiny_ckpt, tmp_path, capsys):
     # end of the schedule (not where --stop-at paused it), in sample.py's protocol
     reports = [(r["kind"], r["step"]) for r in read_log(resumed) if r["kind"].startswith("report")]
     assert reports == [("report_trivial", 0), ("report", 0), ("report", 6)]
+    # each table row says how it was read: results.py refuses rows read another way
+    assert {(r["steps"], r["ensemble"]) for r in read_log(resumed) if r["kind"] == "report"} == {(1, tasks.REPORT_ENSEMBLE)}
     out = capsys.readouterr().out
-    assert f"4 items, {tasks.REPORT_STEPS} steps, ensemble {tasks.REPORT_ENSEMBLE}" in out
+    assert f"4 items, 1 steps, ensemble {tasks.REPORT_ENSEMBLE}" in out
+    assert "next: python sample.py --steps 1" in out
     assert "finetuned (diff2flow, step 6)" in out
     for name in (train.LORA_FILE, "lora.full.safetensors"):
         a, b = load_file(os.path.join(straight, name)), load_file(os.path.join(resumed, name))

@@ -350,6 +350,17 @@ def test_results_refuse_a_finished_run_made_with_other_settings(tiny_ckpt, tmp_p
     assert [r["step"] for r in results.read_log(str(tmp_path / "r")) if r["kind"] == "report"][-1] == 2
     results.run_once("r", [*args, "--save-every", "1", "--workers", "0"], None)    # reused: nothing trained again
     assert (tmp_path / "r" / train.LOG_FILE).read_text() == log
+    assert results.final_report("r", args)[1]["steps"] == 1
+    # a table read with other sampling steps than train.py reads it with today (rows written before they
+    # said so were read with 2) is refused too: its numbers are not today's protocol
+    with pytest.raises(SystemExit, match=r"/r's table at step 0 was read with 1 steps, train.py now reads it with 3"):
+        results.final_report("r", [*args, "--report-steps", "3"])
+    rows = [json.loads(line) for line in log.splitlines()]
+    (tmp_path / "r" / train.LOG_FILE).write_text("".join(json.dumps({k: v for k, v in r.items() if k != "steps"}) + "\n"
+                                                        for r in rows))
+    with pytest.raises(SystemExit, match=r"read with 2 steps, train.py now reads it with 1 \(--report-steps\)"):
+        results.final_report("r", args)
+    (tmp_path / "r" / train.LOG_FILE).write_text(log)
     monkeypatch.setattr(train, "TINY_DEPTH_STEPS", 3)             # the default moves on
     with pytest.raises(SystemExit, match=r"/r was trained with --steps 2, train.py now gives 3: delete .*/r to train"):
         results.run_once("r", args, None)

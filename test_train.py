@@ -81,6 +81,7 @@ def test_sd_defaults_are_the_papers_and_printed():
     train.apply_defaults(args, dict(tiny=False), 1, lines.append)
     assert (args.steps, args.batch_size, args.grad_accum, args.lr, args.ema) == (20000, 8, 4, 3e-5, 0.999)
     assert args.train_scenes == 2000          # rendered scenes at 384x512 only smoke-test the SD path
+    assert args.report_steps == 2             # the paper's "only two sampling steps"
     assert args.batch_size * args.grad_accum == train.SD_DEFAULTS["depth"]["batch"]
     assert "batch 32 per optimizer step = 8 per process x 4 accumulation x 1 process" in lines[0]
     args = train.parse_args(["--task", "depth", "--batch-size", "4", "--lora-rank", "0"])
@@ -88,7 +89,8 @@ def test_sd_defaults_are_the_papers_and_printed():
     assert (args.grad_accum, args.lr) == (4, 3e-5) and "4 per process x 4 accumulation x 2 processes" in lines[-1]
     args = train.parse_args(["--task", "depth"])
     train.apply_defaults(args, dict(tiny=True), 1, lines.append)    # the CPU demo keeps its own
-    assert (args.steps, args.batch_size, args.grad_accum, args.lr, args.ema, args.train_scenes) == (2000, 16, 1, 1e-3, 0.0, 8000)
+    assert (args.steps, args.batch_size, args.grad_accum, args.lr, args.ema, args.train_scenes, args.report_steps) == (
+        2000, 16, 1, 1e-3, 0.0, 8000, 1)
     args = train.parse_args(["--task", "depth", "--train-scenes", "300"])
     train.apply_defaults(args, dict(tiny=True), 1, lines.append)    # given, kept
     assert args.train_scenes == 300

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import data_t2i
 import sample
-from tasks import REPORT_ENSEMBLE, REPORT_STEPS, VAL_SCENES, DepthTask, ImageTask, sample_numbers
+from tasks import REPORT_ENSEMBLE, VAL_SCENES, DepthTask, ImageTask, sample_numbers
 from checkpoint import (RUN_LORA, RUN_STATE, commit_checkpoint, device_problem, find_checkpoint, latest_checkpoint,
                         load_sd_checkpoint, native_res, parse_hw, tidy_run, use_tf32)
 from diff2flow import DIFFUSION_CHANGES, OBJECTIVES, Diff2Flow, conditioned
@@ -97,7 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--val-every", default=None, type=int, help="steps between validations (default: steps // 4)")
     p.add_argument("--val-steps", default=4, type=int, help="Euler (or DDIM) steps at validation")
     p.add_argument("--report-scenes", default=256, type=int, help="depth: held-out scenes for the final table "
-                   f"(untouched prior and finetuned model, {REPORT_STEPS} steps, ensemble {REPORT_ENSEMBLE}); 0 = none")
+                   f"(untouched prior and finetuned model, ensemble {REPORT_ENSEMBLE}); 0 = none")
+    p.add_argument("--report-steps", default=None, type=int, help="depth: Euler (or DDIM) steps of that table "
+                   "(default 2 on SD, the paper's; 1 on the tiny prior, whose depth training times sit near t = 0)")
     p.add_argument("--save-every", default=200, type=int, help="steps between checkpoints")
     p.add_argument("--out", default=None, help="run folder (default: runs/<task>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -132,6 +134,8 @@ def parse_args(argv=None):
         p.error(f"--multires-noise {args.multires_noise}: a strength >= 0, for --task depth only")
     if args.report_scenes < 0:
         p.error(f"--report-scenes {args.report_scenes}: a count >= 0 (0 = no final report)")
+    if args.report_steps is not None and args.report_steps < 1:
+        p.error(f"--report-steps {args.report_steps}: at least 1 sampling step")
     if args.t_density is not None:
         try:
             t_density(args.t_density)
@@ -466,6 +470,8 @@ def apply_defaults(args, info, world, log):
         if args.t_density != "uniform":
             log(f"training times: t ~ {args.t_density} (the tiny demo's default: most of training near t = 0, "
                 f"where few-step samples read the image; see README; --t-density uniform for the method as written)")
+    if args.report_steps is None:
+        args.report_steps = 1 if tiny else 2    # one step reads the tiny demo best (README); two, the paper's, on SD
 
 
 def wrap(unet, world, device, use_compile):
@@ -613,7 +619,7 @@ def main(argv=None):
         with open(os.path.join(args.out, LOG_FILE)) as f:
             task.summary([json.loads(line) for line in f], log)
         log(f"wrote {os.path.join(args.out, LORA_FILE)} and previews; next: python sample.py"
-            + (" --steps 2" if args.task == "depth" else f" --task t2i --run {args.out} --steps 2"))
+            + (f" --steps {args.report_steps}" if args.task == "depth" else f" --task t2i --run {args.out} --steps 2"))
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
