@@ -1,7 +1,7 @@
 """
 Sample from a finetuned run: depth prediction with an aligned ensemble, and its evaluation.
 
-    python sample.py --steps 2                                # newest run in runs/, held-out rendered scenes
+    python sample.py --steps 1                                # newest run in runs/, held-out rendered scenes
     python sample.py --input photo.jpg --steps 4 --ensemble 4 --out depth_out
     python sample.py --eval all --data-root data/eval         # the paper's Table 2 protocol, all five sets
 
