@@ -158,6 +158,9 @@ def test_unknown_task_or_objective_is_a_clear_error(capsys):
         with pytest.raises(SystemExit):
             train.parse_args([flag, value])
         assert f"unknown {flag[2:]} {value!r}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--report-steps", "0"])
+    assert "--report-steps 0: at least 1 sampling step" in capsys.readouterr().err
 
 
 def test_missing_files_and_bad_images_are_named(tiny_ckpt, tmp_path):
